@@ -1,0 +1,449 @@
+"""Data: MNIST, Fashion-MNIST and CIFAR-10 as uint8 tensors; pixel ranges; batches; augmentations.
+
+File formats (read with struct/numpy; no pickle anywhere):
+- IDX (MNIST, LeCun et al. 1998; Fashion-MNIST, Xiao et al. 2017), gzip-compressed, big-endian:
+    images  {train,t10k}-images-idx3-ubyte.gz: magic 0x00000803 (two zero bytes, type 0x08 = uint8,
+            ndim 3), uint32 N, rows, cols, then N*rows*cols pixel bytes, row-major, 0 = background
+    labels  {train,t10k}-labels-idx1-ubyte.gz: magic 0x00000801, uint32 N, then N label bytes 0..9
+  (t10k-* is the test split.)  An uncompressed copy (same name without .gz) is accepted too.
+- CIFAR-10 binary version (Krizhevsky 2009), cifar-10-binary.tar.gz, members
+    cifar-10-batches-bin/data_batch_1.bin .. data_batch_5.bin (train), cifar-10-batches-bin/test_batch.bin
+  each 10,000 records of 3073 bytes: 1 label byte, then 1024 red, 1024 green, 1024 blue bytes (32x32,
+  row-major). The members are read straight out of the tar; nothing is ever extracted to disk.
+
+Where files go: load(name, split, root) looks in root/<folder> (folder = mnist, fashion-mnist, cifar10),
+then in root itself, so root may be the parent folder or the folder holding the files. Missing files are
+downloaded from DATASETS[name]["mirrors"] (tried in order), checked against the published checksum and
+renamed into place only when complete (os.replace). Offline, put the files there by hand; a copy whose
+checksum differs from the published one (e.g. a subset) is used, with a note, if its format is valid.
+
+Symbols: N images, C channels, H = W = image size, B batch size. Pixel ranges live here and nowhere else:
+uint8 {0..255} --to_float--> [0, 1] (TreeVAE) or [-1, 1] (DDPM, signed=True) --to_uint8--> uint8.
+
+    images, labels = load("fashion_mnist", "train", root="data")   # (60000, 1, 28, 28) uint8, (60000,)
+    train_idx, val_idx = train_val_split(len(images))               # the test split is for the end only
+    batches = Batches(images[train_idx], labels[train_idx], batch_size=256, device="cuda")
+    for x, y in batches.epoch(e): ...                               # x (B, 1, 28, 28) float in [0, 1]
+"""
+import gzip
+import hashlib
+import http.client
+import io
+import math
+import os
+import struct
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(Exception):
+    """A data problem the user can fix (missing, corrupt, unreachable files); one line: cause + remedy."""
+
+
+# ----------------------------------------------------------------------------- the data sets
+_IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
+_CIFAR_MEMBERS = {"train": [f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)],
+                  "test": ["cifar-10-batches-bin/test_batch.bin"]}
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte + R, G, B planes
+
+# likelihood: the TreeVAE decoder's output distribution (SPEC section 2: Bernoulli for the grey MNISTs, Gaussian
+# for CIFAR-10). Mirrors are base URLs, tried in order; tests point them at file:// folders.
+DATASETS = {
+    "mnist": dict(
+        channels=1, size=28, n_classes=10, likelihood="bernoulli", folder="mnist", files=_IDX_FILES,
+        mirrors=["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        checksums={  # md5, as torchvision lists them
+            "train-images-idx3-ubyte.gz": ("md5", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            "train-labels-idx1-ubyte.gz": ("md5", "d53e105ee54ea40749a09fcbcd1e9432"),
+            "t10k-images-idx3-ubyte.gz": ("md5", "9fb629c4189551a2d022fa330f9573f3"),
+            "t10k-labels-idx1-ubyte.gz": ("md5", "ec29112dd5afa0611ce80d1b7f02629c")}),
+    "fashion_mnist": dict(
+        channels=1, size=28, n_classes=10, likelihood="bernoulli", folder="fashion-mnist", files=_IDX_FILES,
+        mirrors=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                 "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"],
+        checksums={  # sha256, from ../shared/data/README.md (same files as the canonical mirrors)
+            "train-images-idx3-ubyte.gz": ("sha256", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+            "train-labels-idx1-ubyte.gz": ("sha256", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+            "t10k-images-idx3-ubyte.gz": ("sha256", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+            "t10k-labels-idx1-ubyte.gz": ("sha256", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05")}),
+    "cifar10": dict(
+        channels=3, size=32, n_classes=10, likelihood="gaussian", folder="cifar10",
+        files={"train": (_CIFAR_ARCHIVE,), "test": (_CIFAR_ARCHIVE,)},
+        mirrors=["https://www.cs.toronto.edu/~kriz/"],
+        checksums={_CIFAR_ARCHIVE: ("md5", "c32a1d4ab5d03f1284b67883e8d87530")}),  # the authors' page
+}
+_ALIASES = {"fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist", "cifar-10": "cifar10"}
+
+
+def canonical_name(name):
+    """'mnist' | 'fashion_mnist' | 'cifar10' for a data set name or alias (case-insensitive)."""
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise DataError(f"unknown data set {name!r}: choose one of mnist, fashion_mnist "
+                        f"(or fashion-mnist, fmnist), cifar10")
+    return key
+
+
+def describe(name):
+    """What a model needs to know about a data set: channels, image size, classes, likelihood hint."""
+    spec = DATASETS[canonical_name(name)]
+    return {k: spec[k] for k in ("channels", "size", "n_classes", "likelihood")}
+
+
+# ----------------------------------------------------------------------------- loading
+def load(name, split="train", root="data", download=True, mirrors=None):
+    """(images uint8 (N, C, H, W), labels int64 (N,)) of one split, downloading missing files if allowed.
+
+    mirrors: base URLs to use instead of DATASETS[name]["mirrors"] (the tests pass file:// folders)."""
+    name = canonical_name(name)
+    spec = DATASETS[name]
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}: use 'train' or 'test' (carve validation with train_val_split)")
+    fnames = spec["files"][split]
+    folder = _locate(spec, root, fnames)
+    missing = [f for f in fnames if _find(folder, f) is None]
+    if missing and not download:
+        raise DataError(f"{', '.join(missing)} not found in {os.path.abspath(folder)}: "
+                        f"put the files there by hand or call load(..., download=True)")
+    for i, fname in enumerate(missing):
+        _download(fname, folder, mirrors or spec["mirrors"], spec["checksums"][fname], missing[i:])
+    paths = [_find(folder, f) for f in fnames]
+    if name == "cifar10":
+        images, labels = _read_cifar(paths[0], _CIFAR_MEMBERS[split], spec["checksums"])
+    else:
+        images, labels = _read_idx(paths[0], 3, spec["checksums"]), _read_idx(paths[1], 1, spec["checksums"])
+        images = images[:, None]  # (N, 1, 28, 28): the grey images get their channel axis
+    # The header may be self-consistent and still not be this data set (a wrong file placed by hand).
+    want = (spec["channels"], spec["size"], spec["size"])
+    if tuple(images.shape[1:]) != want:
+        raise DataError(f"{paths[0]} holds images of shape {tuple(images.shape[1:])}, {name} has {want}: "
+                        f"delete it and rerun to download it, or place the right file by hand")
+    if len(labels) != len(images):
+        raise DataError(f"{paths[-1]} has {len(labels)} labels for {len(images)} images in {paths[0]}: "
+                        f"the files do not belong together; delete them and rerun, or place matching ones")
+    if len(labels) and labels.max() >= spec["n_classes"]:
+        raise DataError(f"{paths[-1]} has label {labels.max()} >= {spec['n_classes']} classes: "
+                        f"delete it and rerun to download it, or place a valid file by hand")
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _find(folder, fname):
+    """Path of fname in folder (an uncompressed IDX copy, name without .gz, also counts), else None."""
+    for candidate in (fname, fname[:-3] if fname.endswith("-ubyte.gz") else None):
+        if candidate and os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    return None
+
+
+def _locate(spec, root, fnames):
+    """The folder to read from: root/<folder> (parent layout) or root (the folder itself), complete first."""
+    sub = os.path.join(root, spec["folder"])
+    for present in (all, any):  # a complete folder wins; a partial one is completed where it is
+        for folder in (sub, root):
+            if present(_find(folder, f) for f in fnames):
+                return folder
+    # Nothing there yet: download into root/<folder>, unless root already is that folder.
+    return root if os.path.basename(os.path.normpath(root)) == spec["folder"] else sub
+
+
+_noted = set()  # files whose checksum note was printed (once per process is enough)
+
+
+def _read_checked(path, checksums):
+    """The bytes of a file; a published file under its published name is compared with its checksum."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}): check its permissions or place it again") from None
+    algo, digest = checksums.get(os.path.basename(path), (None, None))
+    # A differing checksum is only a note: subsets and re-encodings placed by hand are fine if the
+    # format checks below pass. Downloads were verified before they got their final name.
+    if algo and path not in _noted and hashlib.new(algo, raw).hexdigest() != digest:
+        _noted.add(path)
+        print(f"note: {path} differs from the published file ({algo}); using it as it is "
+              f"(a subset or another copy?)", file=sys.stderr)
+    return raw
+
+
+def _read_idx(path, ndim, checksums):
+    """The array of an IDX file (gzip or raw), after checking magic number, dimensions and size."""
+    remedy = "delete it and rerun to download it again, or place a valid copy there by hand"
+    raw = _read_checked(path, checksums)
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: decompress in one go (~0.25 s for 47 MB)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # truncated stream, bad CRC, not gzip after all
+            raise DataError(f"{path} is a broken gzip file ({e}): {remedy}") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise DataError(f"{path} is not an IDX file of {ndim}-d uint8 (magic {raw[:4].hex() or 'missing'}, "
+                        f"want 000008{ndim:02x}): {remedy}")
+    header = 4 + 4 * ndim  # magic + one uint32 per dimension
+    if len(raw) < header:
+        raise DataError(f"{path} ends inside its IDX header: {remedy}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])  # big-endian, as the format says
+    if len(raw) != header + math.prod(dims):
+        raise DataError(f"{path} has {len(raw) - header} data bytes but its header {dims} promises "
+                        f"{math.prod(dims)} (truncated?): {remedy}")
+    # frombuffer is a zero-copy view of read-only bytes; copy once so torch gets a writable array.
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
+
+
+def _read_cifar(path, members, checksums):
+    """(images (N, 3, 32, 32), labels (N,)) from the named members of the CIFAR-10 binary tar archive."""
+    remedy = "delete it and rerun to download it again, or place the real cifar-10-binary.tar.gz by hand"
+    raw = _read_checked(path, checksums)
+    found = {}
+    try:
+        # Stream mode ('r|*'): one pass through the (gzip) archive, members read in memory, never extracted.
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r|*") as tar:
+            for member in tar:
+                parts = member.name.replace("\\", "/").split("/")
+                # Refuse names that would land outside a target folder, even though we never extract:
+                # such an archive is not the published one and should not be trusted.
+                if member.name.startswith(("/", "\\")) or ".." in parts or os.path.isabs(member.name):
+                    raise DataError(f"{path} has a member {member.name!r} pointing outside its folder; "
+                                    f"refusing the archive: {remedy}")
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                if name in members and member.isfile():
+                    found[name] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is a broken tar.gz archive ({e}): {remedy}") from None
+    lacking = [m for m in members if m not in found]
+    if lacking:
+        raise DataError(f"{path} lacks {', '.join(lacking)} (not the binary version?): {remedy}")
+    for m in members:
+        if len(found[m]) % _CIFAR_RECORD:
+            raise DataError(f"{path}: {m} has {len(found[m])} bytes, not a multiple of the "
+                            f"{_CIFAR_RECORD}-byte record: {remedy}")
+    records = np.concatenate([np.frombuffer(found[m], np.uint8).reshape(-1, _CIFAR_RECORD) for m in members])
+    # Record = label, then the R, G, B planes: exactly the (3, 32, 32) channel-first layout.
+    return records[:, 1:].reshape(-1, 3, 32, 32).copy(), records[:, 0].copy()
+
+
+def _download(fname, folder, mirrors, checksum, missing):
+    """Fetch fname from the first mirror that serves it with the right checksum, atomically."""
+    where = os.path.abspath(folder)
+    by_hand = f"put {', '.join(missing)} into {where} by hand"
+    created = not os.path.isdir(folder)  # a failed download removes the (empty) folder it made
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # A hidden temporary name in the same folder: os.replace onto the final name is then atomic,
+        # and an interrupted or corrupt download never sits under the final name.
+        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".part", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise DataError(f"cannot write into {where} ({e.strerror}): pass a writable root, or {by_hand}") from None
+    algo, digest = checksum
+    tried = []
+    try:
+        for base in mirrors:
+            url = base.rstrip("/") + "/" + fname
+            hasher = hashlib.new(algo)
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                    while chunk := response.read(1 << 20):  # 1 MB chunks: hash while writing
+                        f.write(chunk)
+                        hasher.update(chunk)
+            except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+                tried.append(f"{url} ({getattr(e, 'reason', None) or e})")
+                continue
+            if hasher.hexdigest() != digest:
+                tried.append(f"{url} (checksum mismatch: {algo} {hasher.hexdigest()[:12]}.., "
+                             f"published {digest[:12]}..)")
+                continue
+            os.replace(tmp, os.path.join(folder, fname))
+            print(f"downloaded {url} -> {where}", file=sys.stderr)
+            return
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if created and not os.listdir(folder):
+        os.rmdir(folder)
+    raise DataError(f"could not download {fname}: tried {'; '.join(tried)}; if offline, {by_hand}")
+
+
+# ----------------------------------------------------------------------------- pixel ranges
+def to_float(x_uint8, signed=False):
+    """uint8 {0..255} -> float32 in [0, 1], or in [-1, 1] when signed (the DDPM's range)."""
+    if x_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_float expects uint8 pixels, got {x_uint8.dtype}")
+    x = x_uint8.float() / 255.0
+    return x * 2.0 - 1.0 if signed else x
+
+
+def to_uint8(x_float, signed=False):
+    """Inverse of to_float: round to the nearest level and clamp, so slightly-out-of-range outputs are fine."""
+    x = (x_float + 1.0) / 2.0 if signed else x_float
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- splits and batches
+def train_val_split(n, val_fraction=0.1, seed=0):
+    """(train_idx, val_idx): sorted, disjoint LongTensors covering range(n), a function of (n, fraction, seed)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # private RNG
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _epoch_seed(seed, epoch):
+    # Hash the pair so (seed, epoch) pairs never collide the way seed + epoch would.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
+
+
+class Batches:
+    """Shuffled float mini-batches of a data set kept whole on `device` as uint8 (no DataLoader).
+
+    MNIST-sized data (47 MB as uint8) fits on any GPU; indexing it there and converting per batch costs
+    microseconds, and the order is a pure function of (seed, epoch), so a resumed run sees exactly the
+    batches it would have seen (epoch(e, start)). Shuffling uses its own CPU generator: the global RNG,
+    and with it the training's reproducibility, is untouched."""
+
+    def __init__(self, images_uint8, labels=None, batch_size=256, device="cpu", shuffle=True,
+                 drop_last=True, signed=False, seed=0):
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
+            raise TypeError(f"Batches expects uint8 images (N, C, H, W), got {images_uint8.dtype} "
+                            f"{tuple(images_uint8.shape)}")
+        if labels is not None and len(labels) != len(images_uint8):
+            raise ValueError(f"{len(labels)} labels for {len(images_uint8)} images")
+        if drop_last and len(images_uint8) < batch_size:
+            raise DataError(f"{len(images_uint8)} images are fewer than one batch of {batch_size}: "
+                            f"lower batch_size or use drop_last=False")
+        self.device = torch.device(device)
+        self.images = images_uint8.to(self.device)  # (N, C, H, W) uint8, resident
+        self.labels = None if labels is None else labels.to(self.device, torch.int64)  # (N,)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.signed, self.seed = signed, seed
+
+    def __len__(self):
+        n, b = len(self.images), self.batch_size
+        return n // b if self.drop_last else -(-n // b)  # the last partial batch is dropped or kept
+
+    def permutation(self, e):
+        """The order of epoch e (N,), on the CPU: depends on (seed, e) only."""
+        if not self.shuffle:
+            return torch.arange(len(self.images))
+        return torch.randperm(len(self.images), generator=torch.Generator().manual_seed(_epoch_seed(self.seed, e)))
+
+    def epoch(self, e, start=0):
+        """Iterator over (x float32 (B, C, H, W) on device, y int64 (B,) or None) from batch `start` on."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start={start} outside 0..{len(self)}")
+        perm = self.permutation(e).to(self.device)  # (N,) moved once per epoch
+        return self._gather(perm, start)
+
+    def _gather(self, perm, start):
+        b = self.batch_size
+        for i in range(start, len(self)):
+            idx = perm[i * b:(i + 1) * b]  # (B,)
+            x = to_float(self.images[idx], self.signed)  # gather uint8 on the device, then convert
+            yield x, None if self.labels is None else self.labels[idx]
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+# ----------------------------------------------------------------------------- augmentations
+def augment(x, generator=None):
+    """A SimCLR view (Chen et al. 2020; SPEC section 2) of each image: x float (B, C, H, W) in [0, 1] ->
+    the same shape and range.
+
+    torchvision's CIFAR recipe, as used for TreeVAE's contrastive CIFAR-10 training, batched on x's device
+    with per-sample parameters: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3), HorizontalFlip(0.5),
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, Grayscale with p 0.2. One-channel input skips the colour
+    operations that need three channels. Random numbers come from `generator` (else the global RNG)."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise TypeError(f"augment expects float images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+
+    def uniform(lo, hi, *shape):  # drawn where the generator lives, then moved to the images
+        return lo + (hi - lo) * torch.rand(shape or (B,), generator=generator, device=gen_device).to(x.device)
+
+    # 1. Random resized crop. torchvision draws up to 10 (area, ratio) pairs and keeps the first that fits
+    #    in the image, else takes the whole image; we draw the 10 candidates for every sample at once.
+    area = H * W * uniform(0.2, 1.0, B, 10)  # (B, 10) pixels^2
+    ratio = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3), B, 10))  # log-uniform, as torchvision
+    w, h = (area * ratio).sqrt(), (area / ratio).sqrt()  # (B, 10)
+    fits = (w <= W) & (h <= H)
+    first = fits.float().argmax(1, keepdim=True)  # index of the first fitting candidate, (B, 1)
+    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], torch.full_like(w[:, 0], W))  # (B,)
+    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], torch.full_like(h[:, 0], H))
+    x0, y0 = uniform(0, 1) * (W - w), uniform(0, 1) * (H - h)  # top-left corner (continuous, not integer)
+    # 2. Horizontal flip, folded into the same sampling grid by mirroring its x axis.
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    # affine_grid maps output coordinates in [-1, 1] to input ones; with align_corners=False, -1 and 1 are
+    # the outer pixel edges, so the crop [x0, x0 + w] has centre (2 x0 + w) / W - 1 and half-width w / W.
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2] = flip * w / W, (2 * x0 + w) / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
+    grid = F.affine_grid(theta.to(x.dtype), (B, C, H, W), align_corners=False)  # (B, H, W, 2)
+    # Bilinear weights are convex, so the result stays in [0, 1]; crops only magnify (no antialiasing needed).
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    # 3. Colour jitter with p 0.8: factors as torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1); samples left
+    #    alone get the identity factors (1, 1, 1, 0). The four operations run in a random order per sample.
+    jitter = uniform(0, 1) < 0.8
+    factors = [torch.where(jitter, uniform(0.6, 1.4), 1.0) for _ in range(3)]  # brightness, contrast, sat.
+    factors.append(torch.where(jitter, uniform(-0.1, 0.1), 0.0))  # hue shift, in turns of the colour wheel
+    factors = [f.view(B, 1, 1, 1).to(x.dtype) for f in factors]
+    # torchvision's ops, each a blend f * x + (1 - f) * target: brightness towards black, contrast towards
+    # the image's mean grey level, saturation towards its own grey version; hue rotates the colour wheel.
+    grey_level = _luma if C == 3 else (lambda x: x)
+    ops = [lambda x, f: _blend(x, f, 0.0),
+           lambda x, f: _blend(x, f, grey_level(x).mean((1, 2, 3), keepdim=True)),  # (B, 1, 1, 1) target
+           lambda x, f: _blend(x, f, _luma(x)), _hue][:4 if C == 3 else 2]  # grey images: 2 of the 4
+    order = uniform(0, 1, B, 4).argsort(1)  # (B, 4): a random permutation of the operations per sample
+    for step in range(4):
+        for k, op in enumerate(ops):
+            # torch.where computes the op for the whole batch: no host sync; 32x32 images are cheap.
+            x = torch.where((order[:, step] == k).view(B, 1, 1, 1), op(x, factors[k]), x)
+
+    # 4. Grayscale with p 0.2 (three channels only): the luma replaces every channel.
+    grey = uniform(0, 1) < 0.2
+    if C == 3:
+        x = torch.where(grey.view(B, 1, 1, 1), _luma(x).expand_as(x), x)
+    return x.clamp(0, 1)
+
+
+def _luma(x):  # (B, 3, H, W) -> (B, 1, H, W); ITU-R 601 weights, as torchvision's rgb_to_grayscale
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _blend(x, f, target):  # torchvision's _blend: f = 1 is the identity, f = 0 gives the target
+    return (f * x + (1 - f) * target).clamp(0, 1)
+
+
+def _hue(x, f):  # hue shift through RGB -> HSV -> RGB in torch (torchvision's method, not a YIQ rotation)
+    hsv = _rgb_to_hsv(x)  # (B, 3, H, W)
+    return _hsv_to_rgb(torch.cat([(hsv[:, :1] + f) % 1.0, hsv[:, 1:]], 1))
+
+
+def _rgb_to_hsv(x):  # (B, 3, H, W) in [0, 1] -> (B, 3, H, W): hue in turns [0, 1), saturation, value
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    delta = v - x.min(1).values
+    s = delta / v.clamp_min(1e-12)  # black: s = 0
+    d = delta.clamp_min(1e-12)  # grey pixels: any hue is right, avoid 0/0
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
+    return torch.stack([(h / 6.0) % 1.0, s, v], 1)
+
+
+def _hsv_to_rgb(hsv):  # inverse of _rgb_to_hsv, the closed form f(n) = v - v s clamp(min(k, 4 - k), 0, 1)
+    h, s, v = hsv.split(1, dim=1)  # (B, 1, H, W) each
+    n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)  # R, G, B
+    k = (n + 6.0 * h) % 6.0  # (B, 3, H, W): position of each channel on the hexagon
+    return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0, 1)

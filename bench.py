@@ -1,0 +1,187 @@
+"""Benchmarks: one JSON line per figure, and a planner for the full schedule.
+
+    python bench.py --device cpu              # TreeVAE / subtree / DDPM steps, sampling, features, data loading
+    python bench.py --device cuda --compile   # the same on a GPU (bf16 autocast, torch.compile, CUDA graphs)
+    python bench.py --plan --dataset mnist    # predicted wall time of the paper schedule on this machine
+
+Every figure is the median (with min and max) over repeated steps after warm-up, on random inputs of the real
+shapes (MNIST 1 x 28 x 28, batch 256 unless noted). Rates are images per second; sampling is img*steps/s.
+The authors' code on the same machine kinds (issue 7): 2-core CPU 1,134 / 300 / 437 img/s for the 2-leaf,
+10-leaf and subtree steps, 17.3 img/s for the U-Net step at batch 32; one H200 7,776 / 2,171 / 3,713 and 4,427.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import data
+import ddpm
+import treevae
+from train import TrainStep, grown_tree, plan, setup_device, timed
+
+
+def report(name, device, batch, t, args, dtype="fp32", unit="img/s", work=None, **extra):
+    """One JSON line: rate from the median step time (`work` units per step, default = batch)."""
+    med, lo, hi = t
+    work = batch if work is None else work
+    line = {"figure": name, "device": str(device), "dtype": dtype, "batch": batch, "compile": args.compile,
+            "rate": round(work / med, 1), "unit": unit, "median_ms": round(med * 1e3, 3),
+            "min_ms": round(lo * 1e3, 3), "max_ms": round(hi * 1e3, 3), **extra}
+    if device.type == "cpu":
+        line["threads"] = torch.get_num_threads()
+    print(json.dumps(line), flush=True)
+    return line
+
+
+def bench_treevae(args, device, autocast):
+    cfg = treevae.treevae_config("mnist", "paper")
+    x = torch.rand(args.batch, 1, 28, 28, device=device)
+    out = []
+    for n_leaves in (2, 10):
+        model = grown_tree(cfg, n_leaves, device).train_all()
+        step = TrainStep(model, list(model.parameters()), cfg, device, autocast, args.compile, args.graphs)
+        t = timed(lambda: step(x, 0.5), device, args.repeat)
+        out.append(report(f"treevae_train_step_{n_leaves}_leaves", device, args.batch, t, args, args.dtype,
+                          params=sum(p.numel() for p in model.parameters()),
+                          depth=max(model.depth.values())))
+    # the small-subtree step: split a leaf of a 9-leaf tree and train only the new subtree
+    model = grown_tree(cfg, 9, device)
+    node = model.leaves[-1]
+    model.split(node)
+    model.to(device)
+    params = model.train_subtree(node)
+    step = TrainStep(model, params, cfg, device, autocast, args.compile, args.graphs, decode=model.child_ids[node])
+    t = timed(lambda: step(x, 0.5), device, args.repeat)
+    out.append(report("treevae_subtree_step_under_9_leaves", device, args.batch, t, args, args.dtype))
+    return out
+
+
+def unet_flops(unet, batch, cfg, device):
+    """FLOPs of one U-Net forward at this batch, counted by torch's FlopCounterMode (matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(batch, cfg.image_channels, cfg.image_size, cfg.image_size, device=device)
+    t, leaf = torch.zeros(batch, dtype=torch.long, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t, x, leaf)
+    return counter.get_total_flops()
+
+
+def bench_ddpm(args, device, autocast):
+    cfg = ddpm.ddpm_config("mnist", "paper", n_leaves=10)
+    unet = ddpm.UNet(cfg).to(device)
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+    ema, diffusion, opt = ddpm.EMA(unet, cfg.ema_decay), ddpm.Diffusion(cfg).to(device), ddpm.make_optimizer(unet, cfg)
+    net = torch.compile(unet) if args.compile else unet
+    b = args.ddpm_batch
+    x0 = torch.rand(b, 1, 28, 28, device=device) * 2 - 1
+    cond, leaf = torch.rand_like(x0) * 2 - 1, torch.randint(0, 10, (b,), device=device)
+    counter = iter(range(10 ** 9))
+
+    def train():
+        with autocast():
+            ddpm.train_step(net, ema, diffusion, opt, x0, cond, leaf, cfg, next(counter))
+    t = timed(train, device, args.repeat)
+    extra = {"params": sum(p.numel() for p in unet.parameters())}
+    if device.type == "cuda":    # achieved rate: a training step is ~3 forward passes of FLOPs
+        extra["tflops"] = round(3 * unet_flops(unet, b, cfg, device) / t[0] / 1e12, 1)
+    out = [report("ddpm_train_step_with_ema", device, b, t, args, args.dtype, **extra)]
+    ema.model.eval()
+    t_idx = torch.full((b,), 500, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def reverse_step():
+        with autocast():
+            (torch.compile(ema.model) if False else ema.model)(x0, t_idx, cond, leaf)
+    out.append(report("ddpm_reverse_step_no_grad", device, b, timed(reverse_step, device, args.repeat), args,
+                      args.dtype, unit="img*steps/s"))
+    n, steps = args.ddim_images, args.ddim_steps
+    cond_n, leaf_n = torch.rand(n, 1, 28, 28, device=device) * 2 - 1, torch.randint(0, 10, (n,), device=device)
+
+    def ddim():
+        with autocast():
+            diffusion.sample_ddim(ema.model, (n, 1, 28, 28), cond_n, leaf_n, steps=steps)
+    out.append(report(f"ddim_{steps}_steps_{n}_images", device, n, timed(ddim, device, 1, warmup=1), args,
+                      args.dtype, unit="img/s"))
+    return out
+
+
+def bench_features(args, device):
+    import fid
+    out = []
+    x = torch.rand(args.feature_batch, 1, 28, 28, device=device)
+    net = fid.InceptionV3().to(device).eval()          # random weights: the speed is the same
+    with torch.no_grad():
+        out.append(report("inception_features", device, len(x), timed(lambda: net.features(x), device,
+                                                                      max(2, args.repeat // 4)), args))
+    extractor = fid.OfflineNet(1, 28).to(device).eval() if hasattr(fid, "OfflineNet") else None
+    if extractor is not None:
+        xb = torch.rand(1000, 1, 28, 28, device=device)
+        with torch.no_grad():
+            out.append(report("offline_extractor_features", device, len(xb),
+                              timed(lambda: extractor.features(xb), device, args.repeat), args))
+    return out
+
+
+def bench_data(args, device):
+    out = []
+    if args.data_dir:
+        t0 = time.perf_counter()
+        images, _ = data.load("fashion_mnist", "train", args.data_dir)
+        dt = time.perf_counter() - t0
+        print(json.dumps({"figure": "load_fashion_mnist_train", "seconds": round(dt, 3), "n": len(images)}))
+    else:
+        images = torch.randint(0, 256, (60000, 1, 28, 28), dtype=torch.uint8)
+    batches = data.Batches(images, None, 256, device)
+
+    def one_epoch():
+        for x, _ in batches.epoch(0):
+            pass
+    out.append(report("batches_epoch", device, len(batches) * 256, timed(one_epoch, device, 3, warmup=1), args))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--graphs", action="store_true", help="CUDA graphs for the TreeVAE steps (CUDA only)")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--ddpm-batch", type=int, default=None, help="default 32 on CPU, 256 on CUDA")
+    p.add_argument("--ddim-images", type=int, default=None, help="default 16 on CPU, 1000 on CUDA")
+    p.add_argument("--ddim-steps", type=int, default=None, help="default 5 on CPU, 100 on CUDA")
+    p.add_argument("--feature-batch", type=int, default=None, help="default 8 on CPU, 500 on CUDA")
+    p.add_argument("--data-dir", default="", help="folder with Fashion-MNIST (e.g. ../shared/data) to time load()")
+    p.add_argument("--only", default="treevae,ddpm,features,data")
+    p.add_argument("--plan", action="store_true", help="predict the paper schedule's wall time (train.py's planner)")
+    p.add_argument("--dataset", default="mnist")
+    args = p.parse_args()
+    device, autocast = setup_device(args.device)
+    cuda = device.type == "cuda"
+    args.dtype = "bf16-autocast" if cuda else "fp32"
+    args.ddpm_batch = args.ddpm_batch or (256 if cuda else 32)
+    args.ddim_images = args.ddim_images or (1000 if cuda else 16)
+    args.ddim_steps = args.ddim_steps or (100 if cuda else 5)
+    args.feature_batch = args.feature_batch or (500 if cuda else 8)
+    if args.plan:
+        name = data.canonical_name(args.dataset)
+        n_train = {"mnist": 54000, "fashion_mnist": 54000, "cifar10": 45000}[name]   # train minus validation
+        plan(treevae.treevae_config(name, "paper"), ddpm.ddpm_config(name, "paper", 10), n_train, device, autocast,
+             args.compile, args.graphs)
+        return
+    only = args.only.split(",")
+    if "treevae" in only:
+        bench_treevae(args, device, autocast)
+    if "ddpm" in only:
+        bench_ddpm(args, device, autocast)
+    if "features" in only:
+        bench_features(args, device)
+    if "data" in only:
+        bench_data(args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""Train Diffuse-TreeVAE: stage 1 grows a CNN-TreeVAE, stage 2 trains a DDPM conditioned on its leaves.
+
+    python train.py --dataset mnist                      # both stages, the authors' schedule (--preset paper)
+    python train.py --dataset fashion_mnist --preset fast --stage treevae
+    python train.py --dataset mnist --resume             # continue an interrupted run where it stopped
+
+Stage 1 schedule (SPEC 4, every epoch count a config field):
+    init          train root + 2 leaves for epochs_init
+    repeat:       every `splits_per_retrain` splits, train the whole tree epochs_intermediate ('intermediate');
+                  choose a leaf (treevae.choose_split); stop at the leaf budget or max depth;
+                  split it and train only the new subtree on that leaf's samples for epochs_subtree ('subtree')
+    prune         drop leaves with < 1 % of the training samples
+    finetune      train the whole tree epochs_finetune
+Every phase has a fresh Adam, a step learning-rate decay and the KL weight alpha = min(1, kl_start + epoch *
+decay_kl). Stage 2 (SPEC 5): the frozen TreeVAE reconstructs each batch at every leaf, one leaf l ~ P(l|x) is
+sampled per image, and the DDPM learns eps(x_t, t | x_hat^(l), l).
+
+Run folder (default runs/<dataset>): treevae.pt, ddpm.pt (self-contained, written atomically at every epoch
+end, every `ckpt_every` DDPM steps and on Ctrl-C), metrics.json, tree.png and sample grids. A checkpoint holds
+the phase, epoch and batch reached, so --resume continues exactly (same batches, same RNG state).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+import data
+import ddpm
+import treevae
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "mnist"
+    data_dir: str = "data"
+    preset: str = "paper"              # paper | fast | smoke (treevae.treevae_config, ddpm.ddpm_config)
+    out: str = ""                      # run folder; default runs/<dataset>
+    stage: str = "all"                 # treevae | ddpm | all
+    resume: bool = False
+    device: str = "auto"               # auto | cuda | mps | cpu
+    compile: bool = False              # torch.compile the models' forward (checkpoints keep clean keys)
+    seed: int = 0
+    log_every: int = 50                # optimisation steps between progress lines (the only host syncs)
+    ckpt_every: int = 2000             # DDPM steps between checkpoints
+    graphs: bool = False               # CUDA only: capture each TreeVAE training step as a CUDA graph
+    plan: bool = True                  # print the predicted wall time of every phase before training
+    max_steps: int = 0                 # stop (saving a checkpoint) after this many steps in this call; 0 = no limit
+    fid_samples: int = 0               # >0: FID of that many generations (offline extractor) at the end
+    sample_steps: int = 100            # DDIM steps for the figures and FID
+
+
+class Stop(Exception):
+    """Raised to end a call early (max_steps or Ctrl-C) after the checkpoint is written."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration: one dataclass per stage, flags generated from the fields.
+
+def add_flags(parser, cls, prefix=""):
+    """One --flag per dataclass field (prefix 'treevae-' / 'ddpm-' for the stage configs); default None means
+    'keep the preset's value', so only the flags a user gives override anything."""
+    for f in dataclasses.fields(cls):
+        name, kind = "--" + prefix + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            parser.add_argument(name, type=parse_bool, default=None, nargs="?", const=True, metavar="BOOL")
+        elif kind is tuple:
+            parser.add_argument(name, type=int, nargs="+", default=None)
+        else:
+            parser.add_argument(name, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def overrides(args, cls, prefix=""):
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, (prefix + f.name).replace("-", "_"))
+        if v is not None:
+            out[f.name] = tuple(v) if isinstance(f.default, tuple) else v
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train Diffuse-TreeVAE (stage 1 TreeVAE, stage 2 leaf-conditioned DDPM).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(p, RunConfig)
+    add_flags(p, treevae.TreeVAEConfig, "treevae-")
+    add_flags(p, ddpm.DDPMConfig, "ddpm-")
+    args = p.parse_args(argv)
+    run = RunConfig(**overrides(args, RunConfig))
+    run.dataset = data.canonical_name(run.dataset)
+    run.out = run.out or os.path.join("runs", run.dataset)
+    if run.stage not in ("treevae", "ddpm", "all") or run.preset not in ("paper", "fast", "smoke"):
+        raise data.DataError(f"--stage must be treevae|ddpm|all and --preset paper|fast|smoke")
+    tv_cfg = dataclasses.replace(treevae.treevae_config(run.dataset, run.preset),
+                                 **overrides(args, treevae.TreeVAEConfig, "treevae-"))
+    return run, tv_cfg, overrides(args, ddpm.DDPMConfig, "ddpm-")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardware: the one place that knows about devices and precision.
+
+def setup_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise data.DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast on CUDA (losses are computed in float32 inside the models); full fp32 elsewhere
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if device.type == "cuda" else nullcontext
+    return device, autocast
+
+
+def save_atomic(obj, path):
+    """Write to a temporary name and rename, so an interrupted save never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Progress:
+    """A progress line every `every` steps: phase, epoch/step, loss terms, images/s and ETA of the phase."""
+    def __init__(self, every):
+        self.every, self.t0, self.seen = every, time.time(), 0
+
+    def start(self):
+        self.t0, self.seen = time.time(), 0
+
+    def __call__(self, tag, step, total, batch, terms):
+        self.seen += batch
+        if step % self.every and step != total:
+            return
+        dt = max(time.time() - self.t0, 1e-9)
+        eta = (total - step) * dt / max(step, 1) if step else 0.0
+        loss = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())  # the host sync happens only here
+        print(f"{tag} step {step}/{total} | {loss} | {self.seen / dt:.0f} img/s | ETA {eta / 60:.1f} min",
+              flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: grow the TreeVAE
+
+class Interrupt:
+    """Ctrl-C sets a flag that the training loops check after every step, so the checkpoint is written at a
+    step boundary (a second Ctrl-C aborts at once)."""
+    def __init__(self):
+        self.requested = False
+        import signal
+        signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint at the end of this step (press again to abort without saving)")
+
+
+class TrainStep:
+    """One TreeVAE optimisation step: forward, SPEC 2 loss, backward, Adam. Returns (loss, rec) as device tensors,
+    so the loop never waits for the GPU. Options: torch.compile of the forward (`compile`), and on CUDA the whole
+    step captured once as a CUDA graph (`graphs`) and replayed: the tree's ~1,000 small kernels then cost one
+    launch. Captured steps need static shapes, so the last partial batch is dropped (Batches does that)."""
+
+    def __init__(self, model, params, cfg, device, autocast, compile=False, graphs=False, decode=None):
+        self.model, self.cfg, self.autocast, self.decode = model, cfg, autocast, decode
+        cuda = device.type == "cuda"
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
+        self.forward = torch.compile(model) if compile else model
+        self.graphs = graphs and cuda and not cfg.contrastive    # augmentation is random per call: eager
+        self.alpha = torch.zeros((), device=device)             # a tensor, so a captured graph reads its value
+        self.graph, self.warm = None, 0
+
+    def set_lr(self, lr):
+        if any(g["lr"] != lr for g in self.opt.param_groups):
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.graph = None                                   # the learning rate is baked into a captured step
+
+    def eager(self, x, x2=None):
+        with self.autocast():
+            out = self.forward(x, x2, decode=self.decode)
+        loss = self.model.loss(out, self.alpha)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), out["rec"].detach()
+
+    def __call__(self, x, alpha, x2=None):
+        self.alpha.fill_(alpha)
+        if self.cfg.contrastive:                                # CIFAR-10: two augmented views (SPEC 2)
+            x, x2 = data.augment(x), data.augment(x)
+        if not self.graphs:
+            self.opt.zero_grad(set_to_none=True)
+            return self.eager(x, x2)
+        if self.graph is None and self.warm < 3:                # CUDA graphs need warm-up steps on a side stream
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                result = self.eager(x)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm += 1
+            return result
+        if self.graph is None:                                  # capture (PyTorch's whole-network recipe)
+            self.static_x = x.clone()
+            self.opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = self.eager(self.static_x)
+        self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+
+class TreeStage:
+    """The TreeVAE schedule as a small state machine, so that any point of it can be saved and resumed."""
+
+    def __init__(self, run, cfg, device, autocast, train, val):
+        self.run, self.cfg, self.device, self.autocast = run, cfg, device, autocast
+        self.train_images, self.val_images = train, val
+        self.path = os.path.join(run.out, "treevae.pt")
+        self.model, self.opt, self.steps_this_call = treevae.TreeVAE(cfg).to(device), None, 0
+        self.st = {"phase": "init", "phase_idx": 0, "epoch": 0, "step": 0, "splits": 0, "retrained_at": 0,
+                   "node": -1, "members": torch.zeros(0, dtype=torch.long), "log": [], "total_steps": 0}
+        self.interrupt = Interrupt()
+
+    # -- checkpoint --------------------------------------------------------------------------------------------
+    def save(self):
+        ckpt = self.model.checkpoint()
+        ckpt.update(state=self.st, rng=rng_state(), run=dataclasses.asdict(self.run),
+                    optimizer=self.opt.state_dict() if self.opt is not None else None)
+        save_atomic(ckpt, self.path)
+
+    def load(self, ckpt):
+        self.model = treevae.TreeVAE.from_checkpoint(ckpt).to(self.device)
+        self.st, self.pending_opt = ckpt["state"], ckpt["optimizer"]
+        set_rng_state(ckpt["rng"])
+        st = self.st
+        print(f"resumed {self.path}: phase {st['phase']}, epoch {st['epoch']}, batch {st['step']}, "
+              f"{self.model.n_leaves} leaves, {st['total_steps']} steps done")
+
+    # -- one phase of training ---------------------------------------------------------------------------------
+    def train_phase(self, tag, epochs, images, params, decode=None):
+        cfg, st, run = self.cfg, self.st, self.run
+        self.step = TrainStep(self.model, params, cfg, self.device, self.autocast, run.compile, run.graphs, decode)
+        self.opt = self.step.opt
+        if getattr(self, "pending_opt", None):                 # resuming inside this phase
+            self.opt.load_state_dict(self.pending_opt)
+        self.pending_opt = None
+        batches = data.Batches(images, None, min(cfg.batch_size, len(images)), self.device,
+                               seed=run.seed * 1000 + st["phase_idx"])
+        progress, total = Progress(run.log_every), epochs * len(batches)
+        for epoch in range(st["epoch"], epochs):
+            alpha = min(1.0, cfg.kl_start + epoch * cfg.decay_kl)       # KL annealing, restarted every phase
+            self.step.set_lr(cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_decay_every))   # step decay
+            for x, _ in batches.epoch(epoch, start=st["step"]):
+                loss, rec = self.step(x, alpha)
+                st["step"] += 1
+                st["total_steps"] += 1
+                self.steps_this_call += 1
+                progress(f"[{tag}] epoch {epoch + 1}/{epochs}", epoch * len(batches) + st["step"], total, len(x),
+                         {"loss": loss, "rec": rec, "alpha": alpha})
+                if self.interrupt.requested or run.max_steps and self.steps_this_call >= run.max_steps:
+                    self.save()
+                    raise Stop(f"stopped in phase {st['phase']} at epoch {epoch}, batch {st['step']}; "
+                               f"continue with --resume")
+            st["epoch"], st["step"] = epoch + 1, 0
+            self.save()
+        self.opt = self.step = None
+
+    # -- the schedule ------------------------------------------------------------------------------------------
+    def next_phase(self, phase):
+        self.st.update(phase=phase, phase_idx=self.st["phase_idx"] + 1, epoch=0, step=0)
+        self.save()
+
+    def leaf_probs(self, images):
+        """P(l|x) for a whole image set, deterministic (eval mode, no decoders needed)."""
+        self.model.eval()
+        out = []
+        with torch.no_grad():
+            for x, _ in data.Batches(images, None, 1024, self.device, shuffle=False, drop_last=False).epoch(0):
+                out.append(self.model(x, sample=False, decode=[])["leaf_probs"].float())
+        return torch.cat(out)
+
+    def log(self, msg):
+        self.st["log"].append(msg)
+        print(msg, flush=True)
+
+    def fit(self):
+        cfg, st, model = self.cfg, self.st, self.model
+        while st["phase"] != "done":
+            model = self.model
+            if st["phase"] == "init":
+                model.train_all()
+                self.train_phase("init", cfg.epochs_init, self.train_images, list(model.parameters()))
+                self.validate("init")
+                self.next_phase("grow")
+            elif st["phase"] == "grow":
+                if st["splits"] and st["splits"] % cfg.splits_per_retrain == 0 and st["retrained_at"] != st["splits"]:
+                    self.next_phase("intermediate")
+                    continue
+                leaf, msg, members = treevae.choose_split(model, self.leaf_probs(self.train_images), cfg.batch_size)
+                self.log(f"[grow] {msg}")
+                if leaf is None:
+                    counts = torch.bincount(self.leaf_probs(self.train_images).argmax(1), minlength=model.n_leaves)
+                    pruned = model.prune(counts.tolist(), cfg.prune_threshold)
+                    self.log(f"[prune] removed leaves {pruned} (< {cfg.prune_threshold:.0%} of the samples); "
+                             f"{model.n_leaves} leaves remain")
+                    self.next_phase("finetune")
+                    continue
+                model.split(leaf)
+                model.to(self.device)
+                st.update(node=leaf, members=members.nonzero().squeeze(1).cpu())
+                self.next_phase("subtree")
+            elif st["phase"] == "subtree":
+                params = model.train_subtree(st["node"])
+                kids = model.child_ids[st["node"]]
+                self.train_phase(f"subtree {st['splits'] + 1}", cfg.epochs_subtree,
+                                 self.train_images[st["members"]], params, decode=kids)
+                st["splits"] += 1
+                self.next_phase("grow")
+            elif st["phase"] == "intermediate":
+                model.train_all()
+                self.train_phase("intermediate", cfg.epochs_intermediate, self.train_images, list(model.parameters()))
+                self.validate("intermediate")
+                st["retrained_at"] = st["splits"]
+                self.next_phase("grow")
+            elif st["phase"] == "finetune":
+                model.train_all()
+                self.train_phase("finetune", cfg.epochs_finetune, self.train_images, list(model.parameters()))
+                self.validate("finetune")
+                self.next_phase("done")
+        self.model.eval()
+        return self.model
+
+    @torch.no_grad()
+    def validate(self, tag):
+        """Negative ELBO (alpha = 1) on the validation split, with the RNG forked so resuming stays exact."""
+        self.model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            terms = {}
+            for x, _ in data.Batches(self.val_images, None, 1024, self.device, shuffle=False,
+                                     drop_last=False).epoch(0):
+                out = self.model(x)
+                for k in ("rec", "kl_root", "kl_nodes", "kl_decisions"):
+                    terms[k] = terms.get(k, 0.0) + float(out[k]) * len(x) / len(self.val_images)
+        print(f"[{tag}] validation: -ELBO {sum(terms.values()):.2f} | " +
+              " ".join(f"{k} {v:.2f}" for k, v in terms.items()) + f" | {self.model.n_leaves} leaves", flush=True)
+        self.model.train_all()
+
+
+def evaluate_clustering(model, images, labels, device):
+    """Hard clusters argmax_l P(l|x) on held-out images -> NMI, accuracy, leaf and dendrogram purity."""
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for x, _ in data.Batches(images, None, 1024, device, shuffle=False, drop_last=False).epoch(0):
+            preds.append(model(x, sample=False, decode=[])["leaf_probs"].argmax(1).cpu())
+    return treevae.cluster_metrics(model, torch.cat(preds), labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: the leaf-conditioned DDPM on top of the frozen TreeVAE
+
+def leaf_condition(tv, x):
+    """SPEC 5: every leaf's reconstruction of x, one leaf l ~ P(l|x) per image; returns (x_hat^(l) in [-1, 1], l)."""
+    x_hat, leaf_probs = tv.reconstruct(x)                                 # (B, L, C, H, W), (B, L)
+    leaf = torch.multinomial(leaf_probs.float().clamp(min=0), 1).squeeze(1)  # (B,)
+    return x_hat[torch.arange(len(x), device=x.device), leaf] * 2 - 1, leaf
+
+
+def train_ddpm(run, dcfg, tv, device, autocast, train_images):
+    path = os.path.join(run.out, "ddpm.pt")
+    tv.eval().requires_grad_(False)
+    unet = ddpm.UNet(dcfg).to(device)
+    ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
+    st = {"epoch": 0, "step": 0, "global_step": 0}
+    if run.resume and os.path.exists(path):
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        unet.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        st = ckpt["state"]
+        set_rng_state(ckpt["rng"])
+        print(f"resumed {path}: epoch {st['epoch']}, batch {st['step']}, {st['global_step']} steps done")
+    print(f"DDPM: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, {tv.n_leaves} leaves")
+
+    def save():
+        save_atomic({"version": treevae.VERSION, "config": dataclasses.asdict(dcfg), "model": unet.state_dict(),
+                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
+                     "n_leaves": tv.n_leaves}, path)
+
+    net = torch.compile(unet) if run.compile else unet
+    batches = data.Batches(train_images, None, min(dcfg.batch_size, len(train_images)), device,
+                           seed=run.seed * 1000 + 999)
+    total = dcfg.epochs * len(batches)
+    total = min(total, dcfg.max_steps) if dcfg.max_steps else total       # the config's own step budget
+    progress, steps_this_call, interrupt = Progress(run.log_every), 0, Interrupt()
+    unet.train()
+    for epoch in range(st["epoch"], dcfg.epochs):
+        for x, _ in batches.epoch(epoch, start=st["step"]):
+            if st["global_step"] >= total:
+                break
+            cond, leaf = leaf_condition(tv, x)
+            with autocast():
+                loss = ddpm.train_step(net, ema, diffusion, opt, x * 2 - 1, cond if dcfg.cond_image else None,
+                                       leaf if dcfg.n_leaves else None, dcfg, st["global_step"])
+            st["step"] += 1
+            st["global_step"] += 1
+            steps_this_call += 1
+            progress(f"[ddpm] epoch {epoch + 1}/{dcfg.epochs}", st["global_step"], total, len(x),
+                     {"loss": loss})
+            if st["global_step"] % run.ckpt_every == 0:
+                save()
+            if interrupt.requested or run.max_steps and steps_this_call >= run.max_steps:
+                save()
+                raise Stop(f"stopped the DDPM at epoch {epoch}, batch {st['step']}; continue with --resume")
+        st["epoch"], st["step"] = epoch + 1, 0
+        save()
+    save()
+    return ema.model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planner: measured step times x the preset's epochs = predicted wall time, printed before training starts.
+
+def timed(fn, device, repeat, warmup=2):
+    """Seconds per call of fn: (median, min, max) over `repeat` calls after `warmup`, device synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2], min(times), max(times)
+
+
+def grown_tree(cfg, n_leaves, device):
+    """A tree of n_leaves leaves grown breadth-first (10 leaves -> depth 4), the shape after growing."""
+    model = treevae.TreeVAE(cfg)
+    while model.n_leaves < n_leaves:
+        model.split(min(model.leaves, key=lambda l: (model.depth[l], l)))
+    return model.to(device)
+
+
+def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3):
+    """Predict each phase's wall time from measured step times (RNG forked: training is unaffected)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
+        x = torch.rand(shape, device=device)
+
+        def tree_step(n_leaves, subtree=False):
+            model = grown_tree(tv_cfg, n_leaves, device)
+            node = model.leaves[-1]
+            if subtree:
+                model.split(node)
+                params, decode = model.to(device).train_subtree(node), model.child_ids[node]
+            else:
+                params, decode = list(model.train_all().parameters()), None
+            step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
+            return timed(lambda: step(x, 0.5), device, repeat)[0]
+        L = tv_cfg.max_leaves
+        t2, tL, t_sub = tree_step(2), tree_step(L), tree_step(L - 1, subtree=True)
+        t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)       # linear in the leaf count
+        spe, splits = n_train // B, L - 2
+        phases = {"init": tv_cfg.epochs_init * spe * t2,
+                  "subtrees": sum(tv_cfg.epochs_subtree * (n_train / k // B) * t_sub for k in range(2, L)),
+                  "intermediate": sum(tv_cfg.epochs_intermediate * spe * t_at(2 + j * tv_cfg.splits_per_retrain)
+                                      for j in range(1, splits // tv_cfg.splits_per_retrain + 1)),
+                  "finetune": tv_cfg.epochs_finetune * spe * tL}
+        if dcfg is not None:                       # one DDPM step, with the TreeVAE leaf reconstructions it needs
+            tv = grown_tree(tv_cfg, L, device).eval()
+            unet = ddpm.UNet(dataclasses.replace(dcfg, n_leaves=L)).to(device)
+            ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
+            xd = torch.rand(dcfg.batch_size, *shape[1:], device=device)
+
+            def ddpm_step():
+                cond, leaf = leaf_condition(tv, xd)
+                with autocast():
+                    ddpm.train_step(unet, ema, diffusion, opt, xd * 2 - 1, cond, leaf, dcfg, 10 ** 6)
+            phases["ddpm"] = dcfg.epochs * (n_train // dcfg.batch_size) * timed(ddpm_step, device, repeat)[0]
+    total = sum(phases.values())
+    print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
+          f" | total {total / 3600:.2f} h on {device} (steps: 2 leaves {t2 * 1e3:.1f} ms, {L} leaves "
+          f"{tL * 1e3:.1f} ms, subtree {t_sub * 1e3:.1f} ms at batch {B})", flush=True)
+    return phases
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    run, tv_cfg, ddpm_overrides = parse_args(argv)
+    torch.manual_seed(run.seed)
+    device, autocast = setup_device(run.device)
+    os.makedirs(run.out, exist_ok=True)
+    images, labels = data.load(run.dataset, "train", run.data_dir)
+    test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
+    train_idx, val_idx = data.train_val_split(len(images), tv_cfg.val_fraction, seed=0)
+    print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
+    print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
+          f"device {device}")
+    if run.plan and not run.resume:
+        dcfg_plan = None if run.stage == "treevae" else ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves)
+        plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs)
+    stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx])
+    tv_path, metrics_path = stage1.path, os.path.join(run.out, "metrics.json")
+    metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
+    if run.stage in ("treevae", "all"):
+        if run.resume and os.path.exists(tv_path):
+            stage1.load(torch.load(tv_path, map_location="cpu", weights_only=True))
+        elif run.resume:
+            print(f"--resume: no {tv_path} yet, starting stage 1 from scratch")
+        stage1.fit()
+        metrics["treevae"] = {**evaluate_clustering(stage1.model, test_images, test_labels, device),
+                              "split": "test", "growth_log": stage1.st["log"]}
+        m = metrics["treevae"]
+        print(f"[test] NMI {m['nmi']:.3f} | accuracy {m['acc']:.3f} | leaf purity {m['leaf_purity']:.3f} | "
+              f"dendrogram purity {m['dendrogram_purity']:.3f} | {m['n_leaves']} leaves, sizes {m['leaf_sizes']}")
+        json.dump(metrics, open(metrics_path, "w"), indent=1)
+    if not os.path.exists(tv_path):
+        raise data.DataError(f"no {tv_path}: train stage 1 first (python train.py --dataset {run.dataset} "
+                             f"--stage treevae)")
+    tv = treevae.TreeVAE.from_checkpoint(torch.load(tv_path, map_location="cpu", weights_only=True)).to(device)
+    if tv_ckpt_state(tv_path) != "done":
+        raise data.DataError(f"{tv_path} is an unfinished stage 1: run python train.py --dataset {run.dataset} "
+                             f"--stage treevae --resume")
+    if run.stage in ("ddpm", "all"):
+        dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
+        print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
+        train_ddpm(run, dcfg, tv, device, autocast, images[train_idx])
+    import sample                                                  # figures: tree.png and sample grids
+    sample.make_figures(run.out, device=device, steps=run.sample_steps, metrics=metrics)
+    if run.fid_samples:
+        metrics.update(sample.compute_fid(run.out, run.fid_samples, device=device, data_dir=run.data_dir,
+                                          steps=run.sample_steps))
+    json.dump(metrics, open(metrics_path, "w"), indent=1)
+    print(f"wrote {metrics_path}")
+
+
+def tv_ckpt_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state"]["phase"]
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Stop as e:
+        print(e)
+    except (data.DataError, ddpm.DDPMError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

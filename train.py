@@ -374,13 +374,17 @@ class TreeStage:
 
 
 def evaluate_clustering(model, images, labels, device):
-    """Hard clusters argmax_l P(l|x) on held-out images -> NMI, accuracy, leaf and dendrogram purity."""
+    """Hard clusters argmax_l P(l|x) on held-out images -> NMI, accuracy, leaf and dendrogram purity, and each
+    leaf's majority label (None for an empty leaf; sample.plot_tree writes it under the leaf)."""
     model.eval()
     preds = []
     with torch.no_grad():
         for x, _ in data.Batches(images, None, 1024, device, shuffle=False, drop_last=False).epoch(0):
             preds.append(model(x, sample=False, decode=[])["leaf_probs"].argmax(1).cpu())
-    return treevae.cluster_metrics(model, torch.cat(preds), labels)
+    pred = torch.cat(preds)
+    n = treevae.contingency(pred, labels)                     # (leaves up to the last one used, classes)
+    majority = [int(n[k].argmax()) if k < len(n) and n[k].sum() > 0 else None for k in range(model.n_leaves)]
+    return {**treevae.cluster_metrics(model, pred, labels), "leaf_majority": majority}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -229,8 +229,15 @@ class TrainStep:
             self.static_x = x.clone()
             self.opt.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_out = self.eager(self.static_x)
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.static_out = self.eager(self.static_x)
+            except RuntimeError as e:                           # e.g. an op that syncs: say so, stay eager
+                print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); running eagerly")
+                self.graphs, self.graph = False, None
+                torch.cuda.synchronize()
+                self.opt.zero_grad(set_to_none=True)
+                return self.eager(x)
         self.static_x.copy_(x)
         self.graph.replay()
         return self.static_out
@@ -275,7 +282,10 @@ class TreeStage:
                                seed=run.seed * 1000 + st["phase_idx"])
         progress, total = Progress(run.log_every), epochs * len(batches)
         for epoch in range(st["epoch"], epochs):
-            alpha = min(1.0, cfg.kl_start + epoch * cfg.decay_kl)       # KL annealing, restarted every phase
+            # KL annealing, restarted every phase; the final fine-tuning ramps alpha to 1 over its epochs, as the
+            # authors' code does (decay max(0.01, 1 / (epochs - 1))), so the finished model optimises the true ELBO
+            decay = max(0.01, 1 / max(1, epochs - 1)) if st["phase"] == "finetune" else cfg.decay_kl
+            alpha = min(1.0, cfg.kl_start + epoch * decay)
             self.step.set_lr(cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_decay_every))   # step decay
             for x, _ in batches.epoch(epoch, start=st["step"]):
                 loss, rec = self.step(x, alpha)
@@ -324,6 +334,8 @@ class TreeStage:
                     self.next_phase("intermediate")
                     continue
                 leaf, msg, members = treevae.choose_split(model, self.leaf_probs(self.train_images), cfg.batch_size)
+                if st["splits"] >= 150:                        # the authors' cap on growing iterations
+                    leaf, msg = None, "stop: 150 splits"
                 self.log(f"[grow] {msg}")
                 if leaf is None:
                     counts = torch.bincount(self.leaf_probs(self.train_images).argmax(1), minlength=model.n_leaves)

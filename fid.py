@@ -7,9 +7,11 @@ The Frechet distance between two Gaussians fitted to image features (Heusel et a
 
 - Everything statistical is float64: the moments are accumulated in float64 in a streaming way
   (FeatureStats, the pairwise update of Chan, Golub & LeVeque 1979), and, without scipy,
-      tr (sigma1 sigma2)^{1/2} = sum_i sqrt(lambda_i),  lambda = eig(S1h sigma2 S1h),  S1h = sigma1^{1/2}
-  S1h sigma2 S1h is symmetric PSD with the eigenvalues of sigma1 sigma2, so two `eigh` are exact, also when
-  N <= d makes the covariances singular. (eigvalsh(sigma1 @ sigma2) would be wrong: it is not symmetric.)
+      tr (sigma1 sigma2)^{1/2} = sum_i sqrt(lambda_i),  lambda = eig(S1h sigma2 S1h),  Sih = sigmai^{1/2}
+  S1h sigma2 S1h = A A^T with A = S1h S2h is symmetric PSD with the eigenvalues of sigma1 sigma2, so
+  sum sqrt(lambda) = sum of the singular values of A: two `eigh` (the square roots) and one `svdvals`, exact
+  also when N <= d makes the covariances singular. (eigvalsh(sigma1 @ sigma2) would be wrong: that product
+  is not symmetric; eigvalsh(A A^T) would lose eigenvalues below 1e-16 * the largest to rounding.)
 - Extractors (every result line names its extractor; FIDs are comparable only with the same extractor,
   the same N and the same reference set):
   * InceptionV3, pool3, 2048-d. Preprocessing: quantise to uint8 with rounding (a generated image is scored
@@ -26,6 +28,8 @@ The Frechet distance between two Gaussians fitted to image features (Heusel et a
   bias again, so the percentile interval [q2.5, q97.5] of F_star lies above F and usually misses the
   truth. We report the basic interval [2F - q97.5, 2F - q2.5] and the bias-corrected 2F - mean(F_star)
   (Efron & Tibshirani 1993, ch. 10 and 13). fid_infinity: FID_N = FID_inf + k/N (Chong & Forsyth 2020).
+  The correction is first order: when d/N is not small (Inception: 2048/10,000) it removes most of the
+  bias, not all. So compare FIDs only at equal N, next to the real-vs-real floor at that N.
 
 Legend: mu (d,) feature mean, sigma (d, d) feature covariance (unbiased, 1/(N-1) like numpy.cov and
 pytorch-fid), F point estimate, F_star (B,) bootstrap replicates, N images, d feature dimension.
@@ -35,6 +39,7 @@ Run:  python fid.py --real-vs-real --dataset fashion_mnist --root ../shared/data
       python fid.py --help
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -62,27 +67,24 @@ def _f64(a):
     return torch.as_tensor(a).detach().to(torch.float64)
 
 
-def _psd_eigvals(w):
-    # Eigenvalues of a PSD matrix computed in floating point: those below the rank tolerance
-    # d * eps * lambda_max (numpy.linalg.matrix_rank's) are rounding noise around 0; set them to exactly 0,
-    # otherwise sqrt turns noise of 1e-16 into 1e-8 per eigenvalue, which adds up over d = 2048 of them.
-    tol = w.shape[-1] * torch.finfo(w.dtype).eps * w.abs().amax(-1, keepdim=True)
-    return torch.where(w > tol, w, torch.zeros_like(w))
-
-
 def _sqrt_psd(sigma):
-    # sigma^{1/2} of a symmetric PSD matrix: sigma = V diag(w) V^T  ->  V diag(sqrt w) V^T
+    # sigma^{1/2} of a symmetric PSD matrix: sigma = V diag(w) V^T  ->  V diag(sqrt w) V^T. Eigenvalues below
+    # the rank tolerance d * eps * w_max (numpy.linalg.matrix_rank's) are rounding noise around 0 (N <= d, dead
+    # features): set to exactly 0, else sqrt turns noise of 1e-16 into 1e-8 per eigenvalue, over d of them.
     w, V = torch.linalg.eigh(sigma)                                   # (..., d), (..., d, d)
-    return (V * _psd_eigvals(w).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
+    tol = w.shape[-1] * torch.finfo(w.dtype).eps * w.abs().amax(-1, keepdim=True)
+    w = torch.where(w > tol, w, torch.zeros_like(w))
+    return (V * w.sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
 def _frechet(mu1, sigma1, mu2, sigma2):
     # Batched core: float64 tensors with any leading batch dimensions -> d^2 with those dimensions.
+    # tr (sigma1 sigma2)^{1/2} = sum sqrt(eig(S1h sigma2 S1h)) = sum of the singular values of A = S1h S2h,
+    # because S1h sigma2 S1h = A A^T. We take the singular values of A: eigh of A A^T would square the
+    # condition number and lose the small eigenvalues (a 1e-10 eigenvalue is below its rounding noise).
     diff = mu1 - mu2                                                  # (..., d)
-    s1h = _sqrt_psd(sigma1)                                           # (..., d, d)
-    M = s1h @ sigma2 @ s1h                                            # symmetric PSD, eig = eig(sigma1 sigma2)
-    M = 0.5 * (M + M.transpose(-1, -2))                               # remove rounding asymmetry before eigh
-    tr_covmean = _psd_eigvals(torch.linalg.eigvalsh(M)).sqrt().sum(-1)  # tr (sigma1 sigma2)^{1/2}
+    A = _sqrt_psd(sigma1) @ _sqrt_psd(sigma2)                         # (..., d, d)  sigma1^{1/2} sigma2^{1/2}
+    tr_covmean = torch.linalg.svdvals(A).sum(-1)                      # tr (sigma1 sigma2)^{1/2}
     trace = lambda S: S.diagonal(dim1=-2, dim2=-1).sum(-1)
     d2 = (diff * diff).sum(-1) + trace(sigma1) + trace(sigma2) - 2 * tr_covmean
     return d2.clamp(min=0)      # d^2 >= 0 exactly; only rounding (~1e-12 relative) can push it below
@@ -148,48 +150,50 @@ def _resampled_stats(X, idx):
     return mu, Xc.transpose(1, 2) @ Xc / (X.shape[0] - 1)
 
 
-def bootstrap_fid(feats_real, feats_gen, n_boot=200, seed=0, level=0.95):
+def bootstrap_fid(feats_real, feats_gen, n_boot=200, seed=0, level=0.95, device=None):
     """Point estimate F and bootstrap uncertainty from features (N_real, d) and (N_gen, d).
 
     Real and generated rows are resampled independently with replacement (both sets are random samples).
     Returns dict(fid, basic_lo, basic_hi (the basic interval [2F - q_hi, 2F - q_lo]), bias_corrected
     (2F - mean F_star), percentile_lo/hi (reported only to show how far off it is), boot_std, n_boot,
-    n_real, n_gen, dim, level). n_boot = 0 gives the point estimate with NaN intervals."""
-    X1, X2 = _f64(feats_real), _f64(feats_gen)
-    X2 = X2.to(X1.device)
+    n_real, n_gen, dim, level). FID >= 0, so basic_lo and bias_corrected are floored at 0 (intersecting an
+    interval with the parameter space keeps its coverage). n_boot = 0: point estimate, NaN intervals.
+    device: where the float64 algebra runs (default: where feats_real lives; a GPU makes d = 2048 fast)."""
+    X1 = _f64(feats_real).to(device or torch.as_tensor(feats_real).device)   # (N_real, d)
+    X2 = _f64(feats_gen).to(X1.device)                                          # (N_gen, d)
     (n1, d), n2 = X1.shape, X2.shape[0]
     if X2.shape[1] != d:
         raise FIDError(f"feature dimensions differ: real {d}, generated {X2.shape[1]}; use the same extractor")
     _warn_rank(min(n1, n2), d)
     s1, s2 = FeatureStats().add(X1), FeatureStats().add(X2)
-    fid = _frechet(s1.mean, s1.cov, s2.mean, s2.cov)
+    fid = float(_frechet(s1.mean, s1.cov, s2.mean, s2.cov))
+    nan = float("nan")
+    out = dict(fid=fid, basic_lo=nan, basic_hi=nan, bias_corrected=nan, percentile_lo=nan, percentile_hi=nan,
+               boot_std=nan, n_boot=n_boot, n_real=n1, n_gen=n2, dim=d, level=level)
+    if n_boot < 2:
+        return out
     g = torch.Generator(device=X1.device).manual_seed(seed)
     chunk = max(1, 2 ** 25 // (max(n1, n2) * d))        # replicates per batch: ~256 MB of resampled float64
-    F_star = [torch.zeros(0, dtype=torch.float64, device=X1.device)]
+    F_star = []
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         i1 = torch.randint(n1, (b, n1), generator=g, device=X1.device)   # (b, N_real) row indices
         i2 = torch.randint(n2, (b, n2), generator=g, device=X1.device)   # (b, N_gen), drawn independently
         F_star.append(_frechet(*_resampled_stats(X1, i1), *_resampled_stats(X2, i2)))
-    F_star = torch.cat(F_star)                           # (n_boot,)
-    nan = float("nan")
-    out = dict(fid=float(fid), basic_lo=nan, basic_hi=nan, bias_corrected=nan, percentile_lo=nan,
-               percentile_hi=nan, boot_std=nan, n_boot=n_boot, n_real=n1, n_gen=n2, dim=d, level=level)
-    if n_boot >= 2:
-        alpha = 1 - level
-        q = torch.quantile(F_star, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64,
-                                                device=F_star.device))
-        q_lo, q_hi = float(q[0]), float(q[1])
-        out.update(basic_lo=2 * out["fid"] - q_hi, basic_hi=2 * out["fid"] - q_lo,
-                   bias_corrected=2 * out["fid"] - float(F_star.mean()), percentile_lo=q_lo, percentile_hi=q_hi,
-                   boot_std=float(F_star.std()))
+    F_star = torch.cat(F_star).cpu()                     # (n_boot,) replicates F*
+    alpha = 1 - level
+    q_lo, q_hi = torch.quantile(F_star, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)).tolist()
+    # Resampling adds F's upward bias once more: F* - F mimics F - FID, hence the reflection 2F - q.
+    out.update(basic_lo=max(0.0, 2 * fid - q_hi), basic_hi=2 * fid - q_lo, percentile_lo=q_lo, percentile_hi=q_hi,
+               bias_corrected=max(0.0, 2 * fid - float(F_star.mean())), boot_std=float(F_star.std()))
     return out
 
 
-def fid_infinity(feats_real, feats_gen, n_points=15, min_frac=0.2, seed=0):
+def fid_infinity(feats_real, feats_gen, n_points=15, min_frac=0.2, seed=0, device=None):
     """FID_inf (Chong & Forsyth 2020): FID on random generated subsets of N_j = min_frac*N .. N images
     against all real features, least-squares fit FID_N = FID_inf + k / N_j, return the intercept."""
-    X1, X2 = _f64(feats_real), _f64(feats_gen)
+    X1 = _f64(feats_real).to(device or torch.as_tensor(feats_real).device)
+    X2 = _f64(feats_gen).to(X1.device)
     s1 = FeatureStats().add(X1)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(X2), generator=g)
@@ -197,7 +201,7 @@ def fid_infinity(feats_real, feats_gen, n_points=15, min_frac=0.2, seed=0):
     fids = [_frechet(s1.mean, s1.cov, (s := FeatureStats().add(X2[perm[:n]])).mean, s.cov) for n in ns]
     A = torch.tensor([[1.0, 1.0 / n] for n in ns], dtype=torch.float64)           # (n_points, 2)
     coef = torch.linalg.lstsq(A, torch.stack(fids).cpu().unsqueeze(1)).solution      # (2, 1): FID_inf, k
-    return float(coef[0, 0])
+    return max(0.0, float(coef[0, 0]))                 # an intercept below 0 means "0 within the noise"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,6 +221,19 @@ def _as_uint8(x):
         raise FIDError(f"images must be uint8 or floats in [0, 1], got {x.dtype} in [{lo:.3g}, {hi:.3g}]; "
                        f"map [-1, 1] images with (x + 1) / 2")
     return data.to_uint8(x)
+
+
+@contextlib.contextmanager
+def _ieee_fp32():
+    # PyTorch lets cuDNN run float32 convolutions as TF32 on Ampere and newer GPUs (10-bit mantissa), which moves
+    # Inception features by ~1e-3 relative (measured on an H100). A score must not depend on that flag: the
+    # extractors run in IEEE float32, and the caller's setting is restored afterwards.
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
 
 
 def extract_features(extractor, images, batch_size=100):
@@ -387,12 +404,13 @@ class InceptionV3(nn.Module):
         was_training, device = self.training, next(self.parameters()).device
         self.eval()                                      # BatchNorm running statistics, no dropout: always
         out = []
-        for i in range(0, len(x), batch_size):
-            # uint8 -> [-1, 1]: torchvision's transform_input maps ImageNet-normalised input to the same range
-            xb = data.to_float(x[i:i + batch_size], signed=True).to(device)    # (B, C, H, W)
-            xb = xb.expand(-1, 3, -1, -1)                                       # grayscale -> 3 equal channels
-            xb = F.interpolate(xb, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
-            out.append(self.pool3(xb).float().cpu())
+        with _ieee_fp32():
+            for i in range(0, len(x), batch_size):
+                # uint8 -> [-1, 1]: torchvision's transform_input maps ImageNet-normalised input to this range
+                xb = data.to_float(x[i:i + batch_size], signed=True).to(device)    # (B, C, H, W)
+                xb = xb.expand(-1, 3, -1, -1)                                       # grayscale -> 3 equal channels
+                xb = F.interpolate(xb, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
+                out.append(self.pool3(xb).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, 2048)
 
@@ -465,8 +483,9 @@ class OfflineNet(nn.Module):
                            f"use the extractor of the images' data set")
         was_training, device = self.training, next(self.parameters()).device
         self.eval()
-        out = [self.body(data.to_float(x[i:i + batch_size], signed=True).to(device)).float().cpu()
-               for i in range(0, len(x), batch_size)]
+        with _ieee_fp32():
+            out = [self.body(data.to_float(x[i:i + batch_size], signed=True).to(device)).float().cpu()
+                   for i in range(0, len(x), batch_size)]
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.config["feat_dim"])
 
@@ -503,9 +522,12 @@ def accuracy(net, images, labels, batch_size=1000):
 
 def load_offline_net(path, device="cpu"):
     """OfflineNet from its self-contained checkpoint (torch.load(weights_only=True) safe)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net = OfflineNet(**ckpt["config"])
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        net = OfflineNet(**ckpt["config"])
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError, TypeError, OSError) as e:     # truncated file or another version's net
+        raise FIDError(f"cannot load the offline extractor {path} ({type(e).__name__}); delete it to retrain") from None
     with open(path, "rb") as f:                          # the file's hash identifies the net: FIDs are
         net_id = hashlib.sha256(f.read()).hexdigest()[:8]    # comparable only between equal ids
     net.name = (f"offline-cnn {ckpt['dataset']} (test acc {ckpt['test_acc']:.1%}, id {net_id}; "
@@ -544,14 +566,16 @@ def offline_extractor(dataset, root="data", cache_dir="cache", epochs=3, seed=0,
 # ---------------------------------------------------------------------------------------------------------
 
 def fid_from_images(extractor, images_gen, images_ref=None, feats_ref=None, batch_size=100, n_boot=200, seed=0,
-                    ref_name="reference"):
+                    ref_name="reference", device=None):
     """FID of generated images against reference images (or their cached features feats_ref).
     Images: (N, C, H, W) uint8 or [0, 1] floats, or an iterable of such batches. Returns bootstrap_fid's
-    dict plus extractor, ref_name, feats_gen, feats_ref (reuse feats_ref on the next call)."""
+    dict plus extractor, ref_name, feats_gen, feats_ref (reuse feats_ref on the next call). The statistics run
+    on `device` (default: the extractor's)."""
     feats_gen = extract_features(extractor, images_gen, batch_size)
     if feats_ref is None:
         feats_ref = extract_features(extractor, images_ref, batch_size)
-    res = bootstrap_fid(feats_ref, feats_gen, n_boot=n_boot, seed=seed)
+    device = device or next(extractor.parameters()).device
+    res = bootstrap_fid(feats_ref, feats_gen, n_boot=n_boot, seed=seed, device=device)
     res.update(extractor=extractor.name, ref_name=ref_name, feats_gen=feats_gen, feats_ref=feats_ref)
     return res
 
@@ -600,7 +624,8 @@ def main(argv=None):
                    help="offline: CNN trained on --dataset (no download); inception: torchvision weights; "
                         "tf-inception: TF-FID weights (paper-comparable). Default offline")
     p.add_argument("--cache-dir", default="cache", help="where the offline extractor is cached (default cache)")
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200; 0 = none)")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200; 0 = none). Each "
+                   "costs two 2048x2048 eigh + one SVD with Inception: ~0.5 s on an H100, minutes on a CPU")
     p.add_argument("--fid-inf", action="store_true", help="also print FID_inf (Chong & Forsyth 2020)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of subsets (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per feature batch (default 100)")
@@ -617,7 +642,7 @@ def main(argv=None):
             if not (a.gen_feats and a.ref_feats):
                 raise FIDError("--gen-feats and --ref-feats go together (features of one extractor)")
             feats_gen, feats_ref = _load_npz(a.gen_feats, "features")[:a.n], _load_npz(a.ref_feats, "features")
-            res = bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed)
+            res = bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device)
             res.update(ref_name=a.ref_feats, extractor=f"features from {a.gen_feats}")
         else:
             name = data.canonical_name(a.dataset) if a.dataset else None
@@ -657,10 +682,10 @@ def main(argv=None):
                 log(f"features of {len(images)} images ({what}): {time.perf_counter() - t0:.1f} s wall, "
                     f"{time.process_time() - c0:.1f} s CPU")
             feats_gen, feats_ref = feats
-            res = dict(bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed), extractor=extractor.name,
+            res = dict(bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device), extractor=extractor.name,
                        ref_name=ref_name)
         if a.fid_inf:
-            res["fid_inf"] = fid_infinity(feats_ref, feats_gen, seed=a.seed)
+            res["fid_inf"] = fid_infinity(feats_ref, feats_gen, seed=a.seed, device=a.device)
         if a.save_feats:
             np.savez(a.save_feats + "_gen.npz", features=np.asarray(feats_gen))
             np.savez(a.save_feats + "_ref.npz", features=np.asarray(feats_ref))

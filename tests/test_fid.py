@@ -43,6 +43,19 @@ def test_diagonal_covariances_match_closed_form_and_accept_numpy():
     assert got_t == pytest.approx(want, rel=1e-6)                 # float32 inputs are promoted to float64
 
 
+def test_wide_spectrum_keeps_tiny_eigenvalues():
+    # Commuting covariances Q diag(a) Q^T, Q diag(b) Q^T with eigenvalues from 1e-5 to 200 (like real
+    # features): FID = sum (sqrt a - sqrt b)^2 exactly. eig(sigma1 sigma2) = a b spans 1e-10 .. 4e4, so a
+    # method that forms sigma1^{1/2} sigma2 sigma1^{1/2} loses the 1e-10 one (an error of ~1e-5 here).
+    rng = np.random.default_rng(7)
+    Q, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    a = np.logspace(-5, np.log10(200), 64)
+    b = a * rng.uniform(0.5, 2, 64)
+    want = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = fid.frechet_distance(np.zeros(64), Q @ np.diag(a) @ Q.T, np.zeros(64), Q @ np.diag(b) @ Q.T)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
+
+
 def test_rank_deficient_covariances_exact_against_gram_reference():
     # N = 10 rows in d = 32 dimensions: both covariances have rank 9. Independent float64 reference:
     # sigma = A^T A with A = (X - mean) / sqrt(N - 1), so eig(sigma1 sigma2) \ {0} = eig(K K^T), K = A1 A2^T

@@ -1,0 +1,498 @@
+"""Sample Diffuse-TreeVAE: a root sample, a leaf, the leaf's TreeVAE image, and its DDPM refinement.
+
+Paper: Goncalves et al., "Structured Generations: Using Hierarchical Clusters to guide Diffusion Models"
+(arXiv 2407.06124), SPEC sections 1 and 5. Generation, in the order of the functions below:
+
+    z_0 ~ N(0, I)                                    root_sample: the root latent (n, C, R, R)
+    z_i ~ p(z_i | z_pa(i)) down the tree             TreeVAE.generate: every leaf l decoded -> x_hat^(l) in [0, 1]
+    P(l | z_0) = prod of p-router decisions on P_l   its second output, leaf_probs (n, n_leaves)
+    l ~ P(. | z_0), or l = --leaf                    pick_leaves
+    x_T ~ N(0, I), x_0 ~ p_theta(x | x_hat^(l), l)   refine: DDIM (Song et al. Eq. 12) or ancestral DDPM (Ho et
+                                                     al. Alg. 2), conditioned on cond = 2 x_hat - 1 in [-1, 1]
+With one fixed z_0 and one fixed x_T, refining every leaf's image shows "the same sample, per cluster" (the
+paper's signature figure, --all-leaves). --recons refines the argmax-leaf reconstruction of real test images.
+
+Legend: x_hat TreeVAE image in [0, 1] (n, C, H, W); x DDPM image in [-1, 1]; leaf (n,) leaf indices (position
+in tv.leaves); leaf_probs (n, n_leaves); L = n_leaves. Pixel ranges are converted by data.py only.
+
+    python sample.py --run runs/mnist                  64 samples, leaves drawn from the path probabilities
+    python sample.py --run runs/mnist --leaf 5         64 samples of leaf 5
+    python sample.py --run runs/mnist --all-leaves     rows: root samples; columns: leaves; TreeVAE over refined
+    python sample.py --run runs/mnist --recons         test images: original, TreeVAE reconstruction, refined
+    python sample.py --run runs/mnist --stage treevae  stage 1 alone (no ddpm.pt needed)
+    python sample.py --run runs/mnist --sampler ddpm   the authors' 1000-step ancestral sampler
+Each call writes a PNG grid and an .npz beside it (key 'images': uint8 (N, C, H, W); `python fid.py --gen`
+scores it). train.py calls make_figures (tree.png, samples.png/.npz, all_leaves.png) and compute_fid.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no window: works on servers and in CI
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import data
+import ddpm
+import train
+import treevae
+
+
+class SampleError(data.DataError):
+    """A run-folder problem the user can fix; one line: cause + remedy. A DataError, so that train.py's
+    `error: ...` handler also catches it when it calls make_figures."""
+
+
+def _field(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})   # the help text of the generated flag
+
+
+@dataclass
+class SampleConfig:
+    run: str = _field("runs/mnist", "run folder holding treevae.pt (and ddpm.pt), written by train.py")
+    leaf: int = _field(-1, "-1: draw each sample's leaf from P(l | z_0); K: every sample from leaf K")
+    n: int = _field(0, "images (root samples = rows for --all-leaves); 0: 64, 8 for --all-leaves, "
+                       "16 for --recons")
+    sampler: str = _field("ddim", "ddim (Song et al., deterministic for eta 0) or ddpm (ancestral, all T steps)")
+    steps: int = _field(100, "DDIM steps (at most the DDPM's T)")
+    eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance")
+    all_leaves: bool = _field(False, "one root sample and one noise per row, refined at every leaf")
+    stage: str = _field("diffusion", "diffusion (refined by the DDPM) or treevae (stage-1 images, no DDPM)")
+    recons: bool = _field(False, "refine the argmax-leaf reconstructions of real test images")
+    seed: int = _field(0, "seed of z_0, the leaves, the noise and the test images picked")
+    out: str = _field("", "PNG path; default <run>/samples_<mode>[_treevae|_ddpm].png; the .npz goes beside it")
+    device: str = _field("auto", "auto | cuda | mps | cpu")
+    data_dir: str = _field("", "test images for --recons; default: the data_dir the run was trained with")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a run folder
+
+@dataclass
+class Models:
+    tv: treevae.TreeVAE         # stage 1, eval mode
+    unet: object                # stage 2: the EMA U-Net (eval), or None
+    diffusion: object           # its ddpm.Diffusion, or None
+    dataset: str
+    data_dir: str               # where the run found its data
+    ddpm_problem: str           # why there is no U-Net (one line), or ""
+
+
+def _guess_dataset(run_dir):
+    name = os.path.basename(os.path.normpath(run_dir))     # runs/<dataset> is train.py's default
+    return name if name in data.DATASETS else "mnist"
+
+
+def _load(path, cmd):
+    """A checkpoint dict, read safely (weights_only); anything else is an error with the retrain command."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle from elsewhere, ...: not ours to read
+        raise SampleError(f"cannot read {path} ({type(e).__name__}): retrain with {cmd}") from None
+    if not isinstance(ckpt, dict):
+        raise SampleError(f"{path} is not a checkpoint of this code: retrain with {cmd}")
+    return ckpt
+
+
+def load_run(run_dir, device="cpu"):
+    """Models of a run folder: the TreeVAE (must have finished stage 1) and, if ddpm.pt is usable, the EMA U-Net
+    (ddpm.py: sample with the EMA weights) with its Diffusion. Problems with stage 1 raise SampleError; a
+    missing or unusable ddpm.pt only sets Models.ddpm_problem (stage-1 sampling still works)."""
+    tv_path, dm_path = os.path.join(run_dir, "treevae.pt"), os.path.join(run_dir, "ddpm.pt")
+    make = f"python train.py --dataset {_guess_dataset(run_dir)} --out {run_dir} --stage treevae"
+    if not os.path.isdir(run_dir):
+        raise SampleError(f"no run folder {run_dir}: train one with {make}, or pass --run <folder>")
+    if not os.path.exists(tv_path):
+        raise SampleError(f"no {tv_path} (the stage-1 checkpoint): train it with {make}")
+    ckpt = _load(tv_path, make)
+    info = ckpt.get("run") or {}                        # train.py's RunConfig, saved in the checkpoint
+    dataset, data_dir = info.get("dataset", _guess_dataset(run_dir)), info.get("data_dir", "data")
+    cmd = f"python train.py --dataset {dataset} --preset {info.get('preset', 'paper')} --out {run_dir}" + \
+          (f" --data-dir {data_dir}" if data_dir != "data" else "")
+    if ckpt.get("version") != treevae.VERSION:
+        raise SampleError(f"{tv_path} comes from an incompatible version of this code (checkpoint version "
+                          f"{ckpt.get('version')}, this code reads {treevae.VERSION}): retrain with {cmd}")
+    phase = (ckpt.get("state") or {}).get("phase")
+    if phase != "done":
+        raise SampleError(f"{tv_path} is an unfinished stage 1 (phase {phase}): finish it with "
+                          f"{cmd} --stage treevae --resume")
+    tv = treevae.TreeVAE.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+
+    unet = diffusion = None
+    problem, redo = "", f"train stage 2 with {cmd} --stage ddpm"
+    if not os.path.exists(dm_path):
+        problem = (f"no {dm_path}: the DDPM (stage 2) is not trained yet; sample stage 1 alone with "
+                   f"--stage treevae, or {redo}")
+    else:
+        d = _load(dm_path, cmd + " --stage ddpm")
+        if d.get("version") != treevae.VERSION:   # train.py stamps ddpm.pt with treevae.VERSION
+            problem = (f"{dm_path} comes from an incompatible version of this code (checkpoint version "
+                       f"{d.get('version')}, this code reads {treevae.VERSION}): {redo}")
+        elif d.get("n_leaves") != tv.n_leaves:       # stage 1 was retrained after stage 2
+            problem = (f"{dm_path} was trained on a tree with {d.get('n_leaves')} leaves but {tv_path} has "
+                       f"{tv.n_leaves}: {redo}")
+        else:
+            names = {f.name for f in dataclasses.fields(ddpm.DDPMConfig)}
+            dcfg = ddpm.DDPMConfig(**{k: v for k, v in d["config"].items() if k in names})
+            dcfg.channel_mult = tuple(dcfg.channel_mult)
+            unet = ddpm.UNet(dcfg)
+            unet.load_state_dict(d["ema"])                  # the EMA weights: what one samples with
+            unet = unet.to(device).eval().requires_grad_(False)
+            diffusion = ddpm.Diffusion(dcfg).to(device)
+            st, budget = d["state"], dcfg.max_steps or math.inf
+            if st["epoch"] < dcfg.epochs and st["global_step"] < budget:
+                print(f"note: {dm_path} is an unfinished stage 2 (epoch {st['epoch']}/{dcfg.epochs}, "
+                      f"{st['global_step']} steps); sampling with its EMA weights so far")
+    return Models(tv, unet, diffusion, dataset, data_dir, problem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation: small steps, each one line of the docstring's recipe
+
+def root_sample(tv, n, generator):
+    """z_0 ~ N(0, I): (n, C, R, R) on the TreeVAE's device."""
+    c, r = tv.cfg.latent_channels, tv.cfg.latent_size
+    return torch.randn(n, c, r, r, generator=generator, device=next(tv.parameters()).device)
+
+
+def pick_leaves(leaf_probs, how, generator):
+    """One leaf per sample (n,): 'sample' draws l ~ P(l | z_0) from the p-routers' path probabilities,
+    'argmax' takes the most probable leaf (SPEC 6, the TreeVAE FID), an int forces that leaf."""
+    if how == "sample":
+        return torch.multinomial(leaf_probs.float(), 1, generator=generator).squeeze(1)
+    if how == "argmax":
+        return leaf_probs.argmax(1)
+    return torch.full((len(leaf_probs),), int(how), dtype=torch.long, device=leaf_probs.device)
+
+
+def refine(m, x_hat, leaf, cfg, noise=None, generator=None):
+    """x_0 ~ p_theta(x | x_hat^(l), l): the DDPM starts from x_T = noise (drawn from `generator` if None) and
+    denoises conditioned on the TreeVAE image, mapped to [-1, 1] (DiffuseVAE Formulation 1), and on the leaf
+    index (added to the time embedding). Returns x (n, C, H, W) in [-1, 1]."""
+    cond = 2 * x_hat - 1 if m.unet.cfg.cond_image else None       # (n, C, H, W) in [-1, 1]
+    leaf = leaf if m.unet.cfg.n_leaves else None                   # a U-Net trained without leaf input
+    if cfg.sampler == "ddpm":                                      # Alg. 2: all T steps, "fixed large" variance
+        return m.diffusion.sample_ddpm(m.unet, x_hat.shape, cond, leaf, noise=noise, generator=generator)
+    return m.diffusion.sample_ddim(m.unet, x_hat.shape, cond, leaf, steps=cfg.steps, eta=cfg.eta, noise=noise,
+                                   generator=generator)
+
+
+def sample(m, n, how, cfg, generator, batch=256):
+    """n generations in batches: z_0 -> every leaf's image -> one leaf each -> refined (stage 'diffusion').
+    Returns (x_hat (n, C, H, W) in [0, 1], x (n, C, H, W) in [-1, 1] or None, leaf (n,))."""
+    out = []
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        x_hat, leaf_probs = m.tv.generate(b, z0=root_sample(m.tv, b, generator), generator=generator)
+        leaf = pick_leaves(leaf_probs, how, generator)                 # (b,)
+        x_hat = x_hat[torch.arange(b, device=leaf.device), leaf]       # (b, C, H, W): the chosen leaf's image
+        x = refine(m, x_hat, leaf, cfg, generator=generator) if cfg.stage == "diffusion" else None
+        out.append((x_hat, x, leaf))
+    cat = lambda k: None if out[0][k] is None else torch.cat([o[k] for o in out])
+    return cat(0), cat(1), cat(2)
+
+
+def all_leaves(m, n, cfg, generator):
+    """The signature figure's data: n root samples z_0, each decoded at every leaf, and each leaf's image refined
+    from the same x_T and the same per-step noise (a generator re-seeded identically for every leaf), so that
+    only (x_hat^(l), l) changes along a row. Returns (x_hat (n, L, C, H, W), x (n, L, C, H, W) or None,
+    leaf_probs (n, L))."""
+    x_hat, leaf_probs = m.tv.generate(n, z0=root_sample(m.tv, n, generator), generator=generator)
+    if cfg.stage != "diffusion":
+        return x_hat, None, leaf_probs
+    dev = x_hat.device
+    noise = torch.randn(x_hat[:, 0].shape, generator=generator, device=dev)      # x_T (n, C, H, W), one per row
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=dev))   # per-step noise, shared by leaves
+    x = [refine(m, x_hat[:, k], torch.full((n,), k, device=dev), cfg, noise=noise,
+                generator=torch.Generator(dev).manual_seed(seed)) for k in range(m.tv.n_leaves)]
+    return x_hat, torch.stack(x, 1), leaf_probs
+
+
+def reconstructions(m, images, how, cfg, generator):
+    """Real images (n, C, H, W) uint8 -> (x_hat of the argmax (or forced) leaf, its refinement or None, leaf).
+    The TreeVAE reconstruction uses posterior means (deterministic); only the DDPM draws noise."""
+    x = data.to_float(images).to(next(m.tv.parameters()).device)            # (n, C, H, W) in [0, 1]
+    x_hat, leaf_probs = m.tv.reconstruct(x)                                   # (n, L, C, H, W), (n, L)
+    leaf = pick_leaves(leaf_probs, "argmax" if how == "sample" else how, generator)
+    x_hat = x_hat[torch.arange(len(x), device=x.device), leaf]               # (n, C, H, W)
+    return x_hat, refine(m, x_hat, leaf, cfg, generator=generator) if cfg.stage == "diffusion" else None, leaf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures
+
+def tile(images, ncol, pad=2, fill=255):
+    """uint8 (N, C, H, W) -> one uint8 picture, row-major, `pad` white pixels between images: (h, w) for grey
+    images (h, w, 3) for colour. Missing cells at the end stay white."""
+    images = torch.as_tensor(images).cpu()
+    N, C, H, W = images.shape
+    nrow = max(1, -(-N // ncol))
+    grid = np.full((pad + nrow * (H + pad), pad + ncol * (W + pad), C), fill, np.uint8)
+    for k in range(N):
+        r, c = divmod(k, ncol)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = \
+            images[k].permute(1, 2, 0).numpy()                           # (H, W, C)
+    return grid[..., 0] if C == 1 else grid
+
+
+def save_grid(path, images, ncol):
+    """A PNG of the tiled images (uint8 (N, C, H, W)), one image pixel per PNG pixel."""
+    grid = tile(images, ncol)
+    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=255)     # cmap is ignored for colour pictures
+
+
+def save_npz(path, **arrays):
+    """The images as uint8 arrays (key 'images': what fid.py reads) plus leaf indices etc."""
+    np.savez(path, **{k: torch.as_tensor(v).cpu().numpy() for k, v in arrays.items() if v is not None})
+
+
+def save_all_leaves(path, x_hat, x, labels=None):
+    """The signature figure: columns = leaves; per root sample a row of TreeVAE images x_hat^(l) and, below it,
+    their refinements (one x_T per row pair). x_hat (n, L, C, H, W) in [0, 1], x in [-1, 1] or None."""
+    n, L = x_hat.shape[:2]
+    rows = [data.to_uint8(x_hat)] + ([] if x is None else [data.to_uint8(x, signed=True)])   # (n, L, C, H, W)
+    grid = torch.stack(rows, 1).flatten(0, 2)                     # (n * rows * L, C, H, W), row-major
+    picture = tile(grid, L)
+    H, pad = x_hat.shape[-1], 2
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * L, 0.6 + 0.55 * n * len(rows)), dpi=150)
+    ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    centers = [pad + k * (H + pad) + H / 2 for k in range(max(L, n * len(rows)))]
+    ax.set_xticks(centers[:L], [f"leaf {k}" + (f"\n({labels[k]})" if labels and labels[k] is not None else "")
+                                for k in range(L)], fontsize=6)
+    ax.set_yticks(centers[:n * len(rows)], ["TreeVAE", "refined"][:len(rows)] * n, fontsize=6)
+    ax.tick_params(length=0)
+    ax.xaxis.tick_top()
+    ax.set_frame_on(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None):
+    """The learned tree: a node per circle (hollow: pass-through node left by pruning), edges as wide as the share
+    of samples passing through them (leaf_sizes summed up the tree; equal widths without sizes), and under each
+    leaf a strip of its images (leaf_images[k]: uint8 (m, C, H, W)) with its size and majority label."""
+    L, unit = tv.n_leaves, 0.85                        # one leaf slot = one data unit = 0.85 inch
+    # Layout with the one tree walk: every node owns an interval of leaf slots that its children split in order,
+    # so subtrees never cross; a node sits above the middle of its interval, at height -depth.
+    width, left, x = {}, {0: 0.0}, {}
+    for i in reversed(list(tv.walk())):                 # children before parents
+        width[i] = sum(width[c] for c in tv.child_ids[i]) or 1
+    for i in tv.walk():                                 # parents before children
+        x[i], cursor = left[i] + width[i] / 2 - 0.5, left[i]
+        for c in tv.child_ids[i]:
+            left[c], cursor = cursor, cursor + width[c]
+    # Probability mass per node: its subtree's share of the (test) samples.
+    mass = None
+    if leaf_sizes is not None:
+        total, mass = max(sum(leaf_sizes), 1), {}
+        for i in reversed(list(tv.walk())):
+            kids = tv.child_ids[i]
+            mass[i] = sum(mass[c] for c in kids) if kids else leaf_sizes[tv.leaves.index(i)] / total
+    m = max(len(v) for v in leaf_images)                # images per leaf strip
+    depth, cell = max(tv.depth.values()), 0.62          # one image: 0.62 units square
+    bottom = -depth - 0.3 - m * cell - 0.75             # room for the deepest strip and its caption
+    span = max(L, 4.0)
+    fig = plt.figure(figsize=(span * unit, (0.8 - bottom) * unit), dpi=150)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(-0.5 - (span - L) / 2, L - 0.5 + (span - L) / 2)
+    ax.set_ylim(bottom, 0.8)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    for i in tv.walk():                                 # edges, behind the nodes
+        p = tv.parent[i]
+        if p is None:
+            continue
+        share = mass[i] if mass else 0.5
+        ax.plot([x[p], x[i]], [-tv.depth[p], -tv.depth[i]], color="0.35", lw=0.6 + 7 * share,
+                solid_capstyle="round", zorder=1)
+        if mass:
+            ax.text((x[p] + x[i]) / 2, -(tv.depth[p] + tv.depth[i]) / 2, f"{share:.0%}", fontsize=5, ha="center",
+                    va="center", zorder=3, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+    colours = plt.get_cmap("tab20")
+    for i in tv.walk():
+        kids, y = tv.child_ids[i], -tv.depth[i]
+        face = "white" if len(kids) == 1 else "0.25" if kids else colours(tv.leaves.index(i) % 20)
+        ax.scatter([x[i]], [y], s=90 if kids else 120, c=[face], edgecolors="0.1", linewidths=0.8, zorder=2)
+        if kids:
+            continue
+        k = tv.leaves.index(i)                          # leaf index = cluster label = DDPM leaf input
+        strip = tile(leaf_images[k], 1, pad=1)
+        top = y - 0.3
+        ax.imshow(strip, cmap="gray", vmin=0, vmax=255, interpolation="nearest", zorder=2,
+                  extent=(x[i] - cell / 2, x[i] + cell / 2, top - len(leaf_images[k]) * cell, top))
+        caption = [f"leaf {k}"] + ([f"n={leaf_sizes[k]}"] if leaf_sizes else []) + \
+            ([f"label {majority[k]}"] if majority and majority[k] is not None else [])
+        ax.text(x[i], top - len(leaf_images[k]) * cell - 0.05, "\n".join(caption), fontsize=5.5, ha="center",
+                va="top")
+    ax.text(sum(ax.get_xlim()) / 2, 0.5, title or f"TreeVAE, {L} leaves", fontsize=6, ha="center", va="center",
+            wrap=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What train.py calls
+
+def _stage_config(m, steps, **kw):
+    """A SampleConfig for the run's models: refine when a DDPM exists, DDIM steps capped at its T."""
+    stage = "diffusion" if m.unet is not None else "treevae"
+    steps = min(steps, m.unet.cfg.T) if m.unet is not None else steps
+    return SampleConfig(stage=stage, steps=steps, **kw)
+
+
+def _generator(device, seed):
+    return torch.Generator(torch.device(device)).manual_seed(seed)
+
+
+def make_figures(run_dir, device="cpu", steps=100, metrics=None, n=64, rows=4, seed=0):
+    """<run>/tree.png, all_leaves.png, samples.png (+ samples.npz for fid.py --run): refined images when the run
+    has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']."""
+    m = load_run(run_dir, device)
+    if m.unet is None:                                    # a stage-1 run; or a ddpm.pt that does not fit (say why)
+        stale = os.path.exists(os.path.join(run_dir, "ddpm.pt"))
+        print(f"note: {m.ddpm_problem if stale else 'no ddpm.pt yet'}; the figures show TreeVAE images only")
+    cfg, g = _stage_config(m, steps), _generator(device, seed)
+    x_hat, x, _ = all_leaves(m, rows, cfg, g)                          # (rows, L, C, H, W)
+    final = data.to_uint8(x_hat) if x is None else data.to_uint8(x, signed=True)
+    tvm = (metrics or {}).get("treevae") or {}
+    fits = lambda v: v if v is not None and len(v) == m.tv.n_leaves else None   # metrics of another tree: skip
+    sizes, majority = fits(tvm.get("leaf_sizes")), fits(tvm.get("leaf_majority"))
+    what = "refined" if x is not None else "TreeVAE"
+    plot_tree(m.tv, os.path.join(run_dir, "tree.png"), [final[:3, k] for k in range(m.tv.n_leaves)], sizes,
+              majority, title=f"{m.dataset}: {m.tv.n_leaves} leaves, {what} samples" +
+                              ("\nedge width: share of the test set" if sizes else ""))
+    save_all_leaves(os.path.join(run_dir, "all_leaves.png"), x_hat, x, majority)
+    x_hat, x, leaf = sample(m, n, "sample", cfg, g)
+    images = data.to_uint8(x_hat) if x is None else data.to_uint8(x, signed=True)
+    save_grid(os.path.join(run_dir, "samples.png"), images, math.ceil(math.sqrt(n)))
+    save_npz(os.path.join(run_dir, "samples.npz"), images=images, leaf=leaf, treevae=data.to_uint8(x_hat))
+    print(f"wrote {run_dir}/tree.png, all_leaves.png ({rows} root samples x {m.tv.n_leaves} leaves) and "
+          f"samples.png/.npz ({n} {what} samples" + (f", DDIM {cfg.steps} steps)" if x is not None else ")"))
+
+
+def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=100, cache_dir="cache", how="argmax",
+                n_boot=200, batch=None):
+    """FID (fid.py's offline extractor, trained on the data set's training labels) of n generations against the
+    test split, for the TreeVAE images of the `how` leaf (SPEC 6: argmax) and for their DDIM refinements (the
+    same z_0 and leaves, so the pair isolates what stage 2 adds). Returns {'fid': {...}} for metrics.json."""
+    import fid                                                   # only needed here
+    device = torch.device(device)
+    m = load_run(run_dir, device)
+    cfg, g = _stage_config(m, steps), _generator(device, 0)
+    batch = batch or (500 if device.type == "cuda" else 64)
+    x_hat, x, leaf = sample(m, n, how, cfg, g, batch=batch)
+    extractor = fid.offline_extractor(m.dataset, root=data_dir, cache_dir=cache_dir, device=device)
+    test_images, _ = data.load(m.dataset, "test", data_dir)
+    out, feats_ref = {"extractor": extractor.name, "reference": "test", "n": n, "leaf": how, "diffusion": None,
+                      "sampler": f"ddim {cfg.steps} steps, eta 0"}, None
+    stages = [("treevae", data.to_uint8(x_hat))] + ([] if x is None else [("diffusion", data.to_uint8(x, signed=True))])
+    for name, images in stages:
+        res = fid.fid_from_images(extractor, images, test_images, feats_ref=feats_ref, n_boot=n_boot,
+                                  ref_name=f"{m.dataset} test")
+        feats_ref = res.pop("feats_ref")                          # the reference features, reused
+        res.pop("feats_gen")
+        print(f"[fid] {name}: {fid.format_fid_line(res)}", flush=True)
+        out[name] = res
+    return {"fid": out}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+def run(cfg):
+    """One sampling call of the command line: check the request, load, generate, save, say what was written."""
+    if cfg.sampler not in ("ddim", "ddpm") or cfg.stage not in ("diffusion", "treevae"):
+        raise SampleError(f"--sampler must be ddim|ddpm and --stage diffusion|treevae "
+                          f"(got {cfg.sampler!r}, {cfg.stage!r})")
+    if cfg.all_leaves and (cfg.recons or cfg.leaf >= 0):
+        raise SampleError("--all-leaves shows every leaf: drop --leaf and --recons, or drop --all-leaves")
+    if cfg.n < 0 or cfg.steps < 1:
+        raise SampleError(f"--n must be >= 0 and --steps >= 1 (got {cfg.n}, {cfg.steps})")
+    device, _ = train.setup_device(cfg.device)                  # the one hardware block lives in train.py
+    torch.manual_seed(cfg.seed)
+    m = load_run(cfg.run, device)
+    L = m.tv.n_leaves
+    if not -1 <= cfg.leaf < L:
+        raise SampleError(f"leaf {cfg.leaf} is out of range: this tree has {L} leaves, valid leaves are 0..{L - 1} "
+                          f"(or -1 to draw the leaf)")
+    if cfg.stage == "diffusion" and m.unet is None:
+        raise SampleError(m.ddpm_problem)
+    if m.unet is not None and cfg.sampler == "ddim" and cfg.steps > m.unet.cfg.T:
+        print(f"note: --steps {cfg.steps} > the DDPM's T = {m.unet.cfg.T}; using {m.unet.cfg.T}")
+        cfg = dataclasses.replace(cfg, steps=m.unet.cfg.T)
+    g, how = _generator(device, cfg.seed), cfg.leaf if cfg.leaf >= 0 else "sample"
+    mode = "all_leaves" if cfg.all_leaves else "recons" if cfg.recons else f"leaf{cfg.leaf}" if cfg.leaf >= 0 \
+        else "sampled"
+    suffix = "_treevae" if cfg.stage == "treevae" else "_ddpm" if cfg.sampler == "ddpm" else ""
+    out = cfg.out or os.path.join(cfg.run, f"samples_{mode}{suffix}.png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    npz = os.path.splitext(out)[0] + ".npz"
+    refined = cfg.stage == "diffusion"
+    to_u8 = lambda x: None if x is None else data.to_uint8(x, signed=True)
+    if cfg.all_leaves:
+        n = cfg.n or 8
+        x_hat, x, leaf_probs = all_leaves(m, n, cfg, g)
+        save_all_leaves(out, x_hat, x)
+        leaf = torch.arange(L).repeat(n)                                           # (n * L,) row-major
+        final = to_u8(x) if refined else data.to_uint8(x_hat)
+        save_npz(npz, images=final.flatten(0, 1), leaf=leaf, treevae=data.to_uint8(x_hat).flatten(0, 1),
+                 leaf_probs=leaf_probs)
+        what = f"{n} root samples x {L} leaves"
+    elif cfg.recons:
+        n = cfg.n or 16
+        images, _ = data.load(m.dataset, "test", cfg.data_dir or m.data_dir)
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+        x_hat, x, leaf = reconstructions(m, images[pick], how, cfg, g)
+        rows = [images[pick], data.to_uint8(x_hat).cpu()] + ([to_u8(x).cpu()] if refined else [])
+        ncol = min(n, 16)                                 # blocks of ncol columns: original / TreeVAE / refined
+        padded = [torch.cat([r, torch.full((-n % ncol, *r.shape[1:]), 255, dtype=torch.uint8)]) for r in rows]
+        blocks = [r[s:s + ncol] for s in range(0, n, ncol) for r in padded]
+        save_grid(out, torch.cat(blocks), ncol)
+        save_npz(npz, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
+        what = f"{n} test images: original, TreeVAE reconstruction" + (", refined" if refined else "")
+    else:
+        n = cfg.n or 64
+        x_hat, x, leaf = sample(m, n, how, cfg, g)
+        final = to_u8(x) if refined else data.to_uint8(x_hat)
+        save_grid(out, final, math.ceil(math.sqrt(n)))
+        save_npz(npz, images=final, leaf=leaf, treevae=data.to_uint8(x_hat) if refined else None)
+        what = f"{n} samples, " + (f"leaf {cfg.leaf}" if cfg.leaf >= 0 else "leaves drawn from P(l | z_0)")
+    how_made = (f"DDIM {cfg.steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim" else
+                f"ancestral DDPM, {m.unet.cfg.T} steps") if refined else "TreeVAE only"
+    print(f"wrote {out} ({what}; {how_made}) and {npz} (key 'images': uint8 (N, C, H, W))")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Sample Diffuse-TreeVAE: root sample -> leaf -> TreeVAE image -> DDPM refinement. Writes a "
+                    "PNG grid and an .npz (key 'images', uint8 (N, C, H, W)) beside it.",
+        epilog="examples: python sample.py --run runs/mnist --leaf 5 | python sample.py --run runs/mnist "
+               "--all-leaves --n 4 | python sample.py --run runs/mnist --recons --stage treevae")
+    train.add_flags(p, SampleConfig)                            # one flag per field, as train.py's
+    helps = {f.name: f"{f.metadata['help']} (default: {f.default!r})" for f in dataclasses.fields(SampleConfig)}
+    for action in p._actions:                                   # attach each field's help text to its flag
+        action.help = helps.get(action.dest, action.help)
+    cfg = SampleConfig(**train.overrides(p.parse_args(argv), SampleConfig))
+    return run(cfg)
+
+
+def cli(argv=None):
+    """The script's entry point: a user error becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except (data.DataError, ddpm.DDPMError) as e:               # SampleError is a DataError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,295 @@
+"""End-to-end checks of the pipeline, train.py -> sample.py, on a tiny synthetic MNIST made here: every output
+of a smoke run, the sample grids, the command lines' error messages, and exact resumption (a run stopped and
+resumed ends bit for bit where an uninterrupted one does). CPU; scripts run as subprocesses with one thread
+(OMP_NUM_THREADS=1: CPU kernels are deterministic for a fixed thread count). About a minute in all."""
+import gzip
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+import sample
+import treevae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The smoke preset, with 5 DDIM steps for the figures (its T is 50) so that a whole run takes seconds.
+SMOKE = ["--dataset", "mnist", "--preset", "smoke", "--device", "cpu", "--sample-steps", "5"]
+
+
+# ----------------------------------------------------------------------------- tiny data, scripts
+def idx_bytes(array):
+    """IDX encoding (as tests/test_data.py): magic 0x0000 08 ndim, big-endian uint32 dims, the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_digits(n, seed):
+    """n 28x28 images of 3 visually distinct classes (horizontal bar, vertical bar, hollow square) with random
+    shifts, contrast and noise; labels 0, 1, 2 in turn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    x = np.zeros((n, 28, 28), np.float32)
+    for k, (dx, dy) in enumerate(rng.integers(-3, 4, (n, 2))):
+        if labels[k] == 0:
+            x[k, 12 + dy:16 + dy, 4:24] = 1
+        elif labels[k] == 1:
+            x[k, 4:24, 12 + dx:16 + dx] = 1
+        else:
+            x[k, 6 + dy:22 + dy, 6 + dx:22 + dx] = 1
+            x[k, 9 + dy:19 + dy, 9 + dx:19 + dx] = 0
+    x = x * rng.uniform(0.7, 1.0, (n, 1, 1)) + rng.normal(0, 0.05, x.shape)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels.astype(np.uint8)
+
+
+def cli(script, *args, env=None):
+    """Run `python script args` in the repository root; returns the CompletedProcess (never raises on rc)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def sample_cli(capsys, *args):
+    """sample.py's entry point in-process (sample.cli: what `python sample.py` runs), as a CompletedProcess;
+    saves the 2-3 s interpreter start-up per call. One test runs the real script for each outcome."""
+    rc = sample.cli([*map(str, args), "--device", "cpu"])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def fails(proc, *needles):
+    """A user error: exit code 2, one `error: ...` line on stderr naming the cause, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(line) == 1, proc.stderr
+    for needle in needles:
+        assert needle in line[0], line[0]
+    return line[0]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_identical(a, b, where="ckpt"):
+    """Bit-for-bit equality of nested checkpoint contents (dicts, lists, tensors, numbers)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for k, (u, v) in enumerate(zip(a, b)):
+            assert_identical(u, v, f"{where}[{k}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """300 train + 100 test synthetic images in the four gzip IDX files of MNIST."""
+    folder = tmp_path_factory.mktemp("data")
+    for split, n, seed in (("train", 300, 0), ("t10k", 100, 1)):
+        images, labels = synthetic_digits(n, seed)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            (folder / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """An uninterrupted smoke run of both stages: the reference of the resume tests."""
+    out = tmp_path_factory.mktemp("run") / "mnist"
+    proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", out))
+    assert "[test] NMI" in proc.stdout and "[ddpm]" in proc.stdout
+    return out
+
+
+# ----------------------------------------------------------------------------- a whole run
+def test_smoke_run_writes_every_output(run):
+    for name in ("treevae.pt", "ddpm.pt", "metrics.json", "tree.png", "samples.png", "samples.npz",
+                 "all_leaves.png"):
+        assert (run / name).is_file(), f"missing {name}"
+    m = json.loads((run / "metrics.json").read_text())["treevae"]
+    for key in ("nmi", "acc", "leaf_purity", "dendrogram_purity", "n_leaves", "leaf_sizes", "leaf_majority"):
+        assert key in m, key
+    tv = treevae.TreeVAE.from_checkpoint(load(run / "treevae.pt"))
+    assert m["n_leaves"] == tv.n_leaves >= 2 and len(m["leaf_sizes"]) == tv.n_leaves
+    assert sum(m["leaf_sizes"]) == 100                             # every test image has one leaf
+    assert all(0 <= m[k] <= 1 for k in ("nmi", "acc", "leaf_purity", "dendrogram_purity"))
+    d = load(run / "ddpm.pt")
+    assert d["n_leaves"] == tv.n_leaves
+    assert d["state"]["global_step"] == ddpm.PRESETS["smoke"].max_steps       # the smoke preset's step budget
+    with np.load(run / "samples.npz") as f:
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (64, 1, 28, 28)
+        assert f["leaf"].min() >= 0 and f["leaf"].max() < tv.n_leaves
+    assert plt.imread(run / "samples.png").shape[:2] == (8 * 30 + 2, 8 * 30 + 2)   # 8 x 8 grid, 2 px gaps
+    for name in ("tree.png", "all_leaves.png"):
+        assert plt.imread(run / name).ndim == 3                   # a readable picture
+
+
+def test_sample_forced_leaf_grid_size(run, tmp_path):
+    out = tmp_path / "leaf0.png"
+    proc = ok(cli("sample.py", "--run", run, "--leaf", 0, "--n", 4, "--steps", 3, "--device", "cpu", "--out", out))
+    assert str(out) in proc.stdout
+    assert plt.imread(out).shape[:2] == (2 * 30 + 2, 2 * 30 + 2)   # 2 x 2 grid of 28 px images, 2 px gaps
+    with np.load(tmp_path / "leaf0.npz") as f:
+        assert f["images"].shape == (4, 1, 28, 28) and f["images"].dtype == np.uint8
+        assert (f["leaf"] == 0).all() and f["treevae"].shape == (4, 1, 28, 28)
+
+
+def test_sample_modes_in_process(run, tmp_path):
+    """--all-leaves, --recons and --stage treevae through sample.main (no subprocess: seconds)."""
+    L = treevae.TreeVAE.from_checkpoint(load(run / "treevae.pt")).n_leaves
+    common = ["--run", str(run), "--device", "cpu", "--steps", "3"]
+    sample.main(common + ["--all-leaves", "--n", "2", "--out", str(tmp_path / "all.png")])
+    with np.load(tmp_path / "all.npz") as f:
+        assert f["images"].shape == f["treevae"].shape == (2 * L, 1, 28, 28)
+        assert f["leaf"].tolist() == list(range(L)) * 2 and f["leaf_probs"].shape == (2, L)
+        assert np.allclose(f["leaf_probs"].sum(1), 1, atol=1e-5)
+    sample.main(common + ["--recons", "--n", "5", "--out", str(tmp_path / "rec.png")])
+    with np.load(tmp_path / "rec.npz") as f:
+        assert f["images"].shape == f["original"].shape == f["treevae"].shape == (5, 1, 28, 28)
+    assert plt.imread(tmp_path / "rec.png").shape[:2] == (3 * 30 + 2, 5 * 30 + 2)   # original/TreeVAE/refined
+    sample.main(common + ["--sampler", "ddpm", "--n", "2", "--out", str(tmp_path / "anc.png")])   # all T steps
+    with np.load(tmp_path / "anc.npz") as f:
+        assert f["images"].shape == (2, 1, 28, 28)
+    sample.main(common + ["--stage", "treevae", "--n", "3", "--out", str(tmp_path / "tv.png")])
+    with np.load(tmp_path / "tv.npz") as f:
+        assert f["images"].shape == (3, 1, 28, 28) and "treevae" not in f.files
+
+
+def test_all_leaves_shares_root_sample_and_noise(run, monkeypatch):
+    """The signature figure: every leaf of a row is refined from the same x_T and the same per-step noise."""
+    m = sample.load_run(str(run), "cpu")
+    calls = []
+
+    def fake_refine(m_, x_hat, leaf, cfg, noise=None, generator=None):
+        calls.append((x_hat, leaf, noise, generator.initial_seed()))
+        return 2 * x_hat - 1
+    monkeypatch.setattr(sample, "refine", fake_refine)
+    g = torch.Generator().manual_seed(0)
+    x_hat, x, _ = sample.all_leaves(m, 3, sample.SampleConfig(steps=3), g)
+    assert len(calls) == m.tv.n_leaves and x.shape == x_hat.shape == (3, m.tv.n_leaves, 1, 28, 28)
+    for k, (xh, leaf, noise, seed) in enumerate(calls):
+        assert torch.equal(xh, x_hat[:, k]) and (leaf == k).all()
+        assert torch.equal(noise, calls[0][2]) and seed == calls[0][3]
+
+
+def test_compute_fid_reports_both_stages(run, data_dir, tmp_path):
+    with pytest.warns(UserWarning, match="rank-deficient"):          # 40 images < 128 features: said loudly
+        res = sample.compute_fid(str(run), 40, "cpu", str(data_dir), steps=3, cache_dir=str(tmp_path),
+                                 n_boot=5)["fid"]
+    assert res["n"] == 40 and res["reference"] == "test" and "offline-cnn" in res["extractor"]
+    for stage in ("treevae", "diffusion"):
+        assert res[stage]["n_gen"] == 40 and res[stage]["n_real"] == 100 and res[stage]["fid"] >= 0
+        assert "feats_gen" not in res[stage]                          # metrics.json gets numbers only
+
+
+# ----------------------------------------------------------------------------- resuming
+@pytest.fixture(scope="module")
+def resumed(data_dir, tmp_path_factory):
+    """The same run in four calls: stop inside stage 1 (a subtree phase), finish stage 1 alone (--stage treevae),
+    stop inside the DDPM, finish. Copies of the run folder after the first two calls serve the error tests."""
+    base = tmp_path_factory.mktemp("resumed")
+    # --plan false: the planner forks the RNG, so the reference (planned) run must still match bit for bit.
+    out, args = base / "mnist", [*SMOKE, "--data-dir", data_dir, "--out", base / "mnist", "--plan", "false"]
+    steps = {}
+    p1 = ok(cli("train.py", *args, "--max-steps", 20))
+    assert "stopped in phase subtree" in p1.stdout, p1.stdout[-2000:]
+    steps["stop1"] = load(out / "treevae.pt")["state"]
+    shutil.copytree(out, base / "unfinished")
+    p2 = ok(cli("train.py", *args, "--resume", "--stage", "treevae"))
+    assert "resumed" in p2.stdout and "phase subtree" in p2.stdout
+    shutil.copytree(out, base / "stage1_only")
+    p3 = ok(cli("train.py", *args, "--resume", "--max-steps", 2))
+    assert "stopped the DDPM" in p3.stdout, p3.stdout[-2000:]
+    steps["stop2"] = load(out / "ddpm.pt")["state"]
+    p4 = ok(cli("train.py", *args, "--resume"))
+    assert "resumed" in p4.stdout
+    return base, steps
+
+
+def test_resume_inside_stage1_is_exact(run, resumed):
+    base, steps = resumed
+    assert steps["stop1"]["phase"] == "subtree" and steps["stop1"]["total_steps"] == 20
+    a, b = load(run / "treevae.pt"), load(base / "stage1_only" / "treevae.pt")
+    assert_identical(a["topology"], b["topology"], "topology")
+    assert_identical(a["state_dict"], b["state_dict"], "state_dict")
+    assert_identical(a["state"], b["state"], "state")                 # schedule position, growth log, members
+
+
+def test_resume_inside_ddpm_is_exact(run, resumed):
+    base, steps = resumed
+    assert steps["stop2"]["global_step"] == 2                        # stopped half-way through the 4 steps
+    a, b = load(run / "ddpm.pt"), load(base / "mnist" / "ddpm.pt")
+    for key in ("model", "ema", "optimizer", "state", "rng"):
+        assert_identical(a[key], b[key], key)
+    assert_identical(load(run / "treevae.pt")["state_dict"], load(base / "mnist" / "treevae.pt")["state_dict"])
+
+
+# ----------------------------------------------------------------------------- error messages
+def test_error_unknown_dataset():
+    fails(cli("train.py", "--dataset", "foo", "--device", "cpu"), "unknown data set 'foo'", "mnist")
+
+
+def test_error_data_missing_offline(tmp_path):
+    """An empty data folder: the download must fail fast and say where to put the files. A proxy on a closed
+    local port makes every download fail at once, with or without a network."""
+    with socket.socket() as s:                                       # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = f"http://127.0.0.1:{port}"
+    env = {"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "no_proxy": "",
+           "NO_PROXY": ""}
+    proc = cli("train.py", *SMOKE, "--data-dir", tmp_path / "empty", "--out", tmp_path / "run", env=env)
+    fails(proc, "could not download train-images-idx3-ubyte.gz", "by hand", str(tmp_path / "empty"))
+
+
+def test_error_missing_run_and_checkpoint(tmp_path):
+    fails(cli("sample.py", "--run", tmp_path / "nowhere", "--device", "cpu"),
+          f"no run folder {tmp_path / 'nowhere'}", "python train.py --dataset")
+    with pytest.raises(sample.SampleError, match="no .*treevae.pt .*python train.py --dataset mnist"):
+        sample.load_run(str(tmp_path), "cpu")                        # a folder without a checkpoint
+
+
+def test_error_leaf_out_of_range(run, capsys):
+    L = treevae.TreeVAE.from_checkpoint(load(run / "treevae.pt")).n_leaves
+    fails(sample_cli(capsys, "--run", run, "--leaf", 99), "leaf 99 is out of range", f"valid leaves are 0..{L - 1}")
+    fails(sample_cli(capsys, "--run", run, "--leaf", 0, "--all-leaves"), "drop --leaf")
+
+
+def test_error_no_ddpm_yet(resumed, tmp_path, capsys):
+    run = resumed[0] / "stage1_only"                                # made with --stage treevae
+    assert not (run / "ddpm.pt").exists()
+    fails(sample_cli(capsys, "--run", run), "not trained yet", "--stage treevae", "--stage ddpm")
+    ok(sample_cli(capsys, "--run", run, "--stage", "treevae", "--n", 2, "--out", tmp_path / "a.png"))
+
+
+def test_error_unfinished_stage1(resumed, capsys):
+    fails(sample_cli(capsys, "--run", resumed[0] / "unfinished"), "unfinished stage 1 (phase subtree)", "--resume")
+
+
+def test_error_incompatible_version(run, data_dir, tmp_path, capsys):
+    ckpt = load(run / "treevae.pt")
+    ckpt["version"] = 999
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "treevae.pt")
+    fails(sample_cli(capsys, "--run", tmp_path / "old"), "incompatible version", "999", "retrain with python train.py")
+    fails(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", tmp_path / "old", "--resume"), "999")

@@ -74,6 +74,8 @@ class TreeVAEConfig:
 def treevae_config(dataset: str, preset: str = "paper") -> TreeVAEConfig:
     """Named presets. 'paper' = the authors' schedule (SPEC 3-4); 'fast' keeps the architecture with a short
     schedule; 'smoke' is a tiny model for CPU tests."""
+    if dataset not in ("mnist", "fashion_mnist", "cifar10"):
+        raise ValueError(f"unknown data set {dataset!r}: use data.canonical_name first (mnist, fashion_mnist, cifar10)")
     cfg = TreeVAEConfig(dataset=dataset)
     if dataset == "fashion_mnist":
         cfg.activation = "leaky_relu"
@@ -84,8 +86,8 @@ def treevae_config(dataset: str, preset: str = "paper") -> TreeVAEConfig:
     if preset == "paper":
         return cfg
     if preset == "fast":      # ~10x shorter: a tree in minutes on a GPU, ~20 min on 2 CPU cores (MNIST subset)
-        return _replace(cfg, epochs_init=12, epochs_subtree=6, epochs_intermediate=3, epochs_finetune=12,
-                        kl_start=0.0, decay_kl=0.1)
+        return _replace(cfg, epochs_init=12, epochs_subtree=6, epochs_intermediate=3,
+                        epochs_finetune=min(cfg.epochs_finetune, 12), kl_start=0.0, decay_kl=0.1)
     if preset == "smoke":     # tiny and quick: CI end-to-end tests
         return _replace(cfg, latent_channels=4, bottom_up_channels=8, decoder_channels=8, max_depth=2,
                         max_leaves=3, batch_size=16, epochs_init=1, epochs_subtree=1, epochs_intermediate=1,
@@ -332,6 +334,8 @@ class TreeVAE(nn.Module):
         new leaves, since the other leaves' terms do not depend on the trainable parameters.
         Returns the loss terms (batch means) and leaf_probs (B, n_leaves)."""
         if x2 is not None:
+            if not self.cfg.contrastive:
+                raise ValueError("a second view x2 needs contrastive=True (the CIFAR-10 setting)")
             x = torch.cat([x, x2])                 # both views go through the ELBO
         B, D = x.shape[0], self.cfg.max_depth
         d = self.bottom_up_features(x)
@@ -408,7 +412,7 @@ class TreeVAE(nn.Module):
     def reconstruct(self, x):
         """Every leaf's reconstruction of x (posterior means, eval mode): ((B, n_leaves, C, H, W), (B, n_leaves))."""
         assert x.min() >= 0 and x.max() <= 1, "TreeVAE expects images in [0, 1] (use data.to_float)"
-        was_training = self.training
+        modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
         self.eval()
         d = self.bottom_up_features(x)
         z, prob = {}, {0: x.new_ones(len(x))}
@@ -419,7 +423,8 @@ class TreeVAE(nn.Module):
                 mu_hat, var_hat, *self.transform[key](z[self.parent[i]]))[0]
             self._route(i, prob, self.router_q[str(i)](d_i) if len(self.child_ids[i]) == 2 else None)
         x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)
-        self.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         return x_hat, torch.stack([prob[l] for l in self.leaves], 1)
 
     def _route(self, i, prob, logit_left):
@@ -436,7 +441,7 @@ class TreeVAE(nn.Module):
         """Ancestral sampling: z_0 ~ N(0, I), z_i ~ p(z_i | z_pa(i)) down the tree, every leaf decoded.
         Returns (x_hat (n, n_leaves, C, H, W) in [0, 1], leaf_probs (n, n_leaves) from the p-routers).
         leaf=k (a leaf index) walks only the path to that leaf and returns its images (n, C, H, W)."""
-        was_training = self.training
+        modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
         self.eval()
         cfg, dev = self.cfg, next(self.parameters()).device
         shape = (n, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
@@ -457,7 +462,8 @@ class TreeVAE(nn.Module):
                 eps = torch.randn(mu_p.shape, generator=generator, device=dev)
                 z[i] = mu_p + var_p.sqrt() * eps
             self._route(i, prob, self.router_p[str(i)](z[i]) if len(self.child_ids[i]) == 2 else None)
-        self.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         if leaf is not None:
             return self.decode(self.leaves[leaf], z[self.leaves[leaf]])
         x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)
@@ -466,6 +472,10 @@ class TreeVAE(nn.Module):
     # -- growing and pruning (SPEC 4) ------------------------------------------------------------------------
     def split(self, leaf_id):
         """Turn leaf `leaf_id` into an inner node with two new children (SPEC 4d-e). Returns the new ids."""
+        if self.child_ids.get(leaf_id, [None]):
+            raise ValueError(f"node {leaf_id} is not a leaf of this tree")
+        if self.depth[leaf_id] >= self.cfg.max_depth:
+            raise ValueError(f"leaf {leaf_id} is at max_depth {self.cfg.max_depth}: no bottom-up level for children")
         kids = [self.next_id, self.next_id + 1]
         self.next_id += 2
         for k in kids:
@@ -644,6 +654,8 @@ def dendrogram_purity(model, pred, labels):
         purity = counts[i] / counts[i].sum().clamp(min=1)
         counts[i, "score"] = (pairs * purity).sum()
     total_pairs = (n_leaf.sum(0) * (n_leaf.sum(0) - 1) / 2).sum()
+    if total_pairs == 0:
+        return float("nan")                                     # no two samples share a label: undefined
     return float(sum(v for key, v in counts.items() if isinstance(key, tuple)) / total_pairs)
 
 

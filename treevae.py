@@ -49,7 +49,7 @@ class TreeVAEConfig:
     latent_channels: int = 16          # latent per node: 16 x 2 x 2 on MNIST (SPEC 3)
     latent_size: int = 2
     bottom_up_channels: int = 32       # bottom-up features: 32 x 2 x 2
-    decoder_channels: int = 32         # widest decoder layer
+    decoder_channels: int = 16         # decoder width (its 7 x 7 convs dominate the FLOPs: 16 keeps ~1.0 M params at 10 leaves)
     activation: str = "swish"          # 'swish' or 'leaky_relu' (slope 0.3, the authors' FMNIST setting)
     max_depth: int = 6
     max_leaves: int = 10               # leaf budget: stop growing when n_eff reaches it
@@ -131,15 +131,37 @@ def act_fn(name):
     return nn.SiLU() if name == "swish" else nn.LeakyReLU(0.3)
 
 
-def conv_bn(c_in, c_out, act, k=3, stride=1, pad=1):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, pad, bias=False), nn.BatchNorm2d(c_out), act_fn(act))
+class MapConv(nn.Conv2d):
+    """A 3x3, padding-1 convolution on the small R x R maps of the tree (2 x 2 on MNIST), computed exactly as one
+    matrix product. Output position p reads input position q through kernel tap (q - p + 1); gathering those taps
+    turns the kernel into a dense (C_out R^2, C_in R^2) matrix (zero where |q - p| > 1). Same parameters and result
+    as nn.Conv2d (tests check it), 2-3x faster on a CPU, where library convs have a high per-call cost on tiny maps."""
+    def __init__(self, c_in, c_out, bias=True):
+        super().__init__(c_in, c_out, 3, padding=1, bias=bias)
+
+    def forward(self, h):
+        B, C, R, _ = h.shape
+        p = torch.arange(R * R, device=h.device)
+        dy = (p // R)[None, :] - (p // R)[:, None] + 1                       # (P, Q) row offset of the tap
+        dx = (p % R)[None, :] - (p % R)[:, None] + 1
+        valid = (dy >= 0) & (dy <= 2) & (dx >= 0) & (dx <= 2)
+        taps = self.weight.flatten(2)[:, :, (dy * 3 + dx).clamp(0, 8)] * valid   # (C_out, C_in, P, Q)
+        W = taps.permute(0, 2, 1, 3).reshape(self.out_channels * R * R, C * R * R)
+        out = (h.flatten(1) @ W.T).view(B, self.out_channels, R, R)          # (B, C_out, R, R)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def conv_bn(c_in, c_out, act, k=3, stride=1, pad=1, small=False):
+    conv = MapConv(c_in, c_out, bias=False) if small else nn.Conv2d(c_in, c_out, k, stride, pad, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out), act_fn(act))
 
 
 class MLPBlock(nn.Module):
     """3 x (conv3x3 + BN + act) on an R x R map: the 'MLP' of the CNN-TreeVAE; residual when in == out."""
     def __init__(self, c_in, c_out, act):
         super().__init__()
-        self.net = nn.Sequential(conv_bn(c_in, c_out, act), conv_bn(c_out, c_out, act), conv_bn(c_out, c_out, act))
+        self.net = nn.Sequential(conv_bn(c_in, c_out, act, small=True), conv_bn(c_out, c_out, act, small=True),
+                                 conv_bn(c_out, c_out, act, small=True))
         self.residual = c_in == c_out
 
     def forward(self, h):
@@ -150,7 +172,7 @@ class GaussianHead(nn.Module):
     """(mu, var) by two conv3x3; var = softplus(.) + 1e-6 keeps every log finite without clamping."""
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.mu, self.var = nn.Conv2d(c_in, c_out, 3, padding=1), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.mu, self.var = MapConv(c_in, c_out), MapConv(c_in, c_out)
 
     def forward(self, h):
         return self.mu(h), F.softplus(self.var(h)) + 1e-6
@@ -171,7 +193,7 @@ class Router(nn.Module):
     Returns the logit of 'go left' (B,); the probability is its sigmoid."""
     def __init__(self, c_in, r, c_hidden, act):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, 1, 3, padding=1)
+        self.conv = MapConv(c_in, 1)
         self.mlp = nn.Sequential(nn.Linear(r * r, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
                                  nn.Linear(c_hidden, 1))
 

@@ -565,3 +565,17 @@ def test_learns_two_obvious_clusters():
         pred = model(x, sample=False)["leaf_probs"].argmax(1)
     assert untrained < 0.5
     assert nmi(pred, y) >= 0.8, (untrained, nmi(pred, y))
+
+
+def test_map_conv_equals_conv2d():
+    """MapConv (the 3x3 conv on small maps as one matrix product) computes exactly F.conv2d, gradients too."""
+    from treevae import MapConv
+    torch.manual_seed(0)
+    for R, bias in ((2, True), (4, False), (3, True)):
+        conv = MapConv(5, 7, bias=bias)
+        x = torch.randn(4, 5, R, R, requires_grad=True)
+        y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert torch.allclose(y, y_ref, atol=1e-5), R
+        g, = torch.autograd.grad(y.square().sum(), conv.weight)
+        g_ref, = torch.autograd.grad(y_ref.square().sum(), conv.weight)
+        assert torch.allclose(g, g_ref, atol=1e-4), R

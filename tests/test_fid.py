@@ -119,6 +119,7 @@ def test_bootstrap_is_reproducible_and_resamples_independently():
     # resampling the same array twice must not reuse one index draw: FID(X*, X**) > 0 for every replicate
     r = fid.bootstrap_fid(real, real, n_boot=20, seed=0)
     assert r["fid"] < 1e-9 and r["percentile_lo"] > 1e-3
+    assert r["basic_lo"] == r["basic_hi"] == r["bias_corrected"] == 0.0     # floored at FID's lower bound 0
 
 
 def test_fid_infinity_removes_most_of_the_generated_side_bias():
@@ -230,6 +231,19 @@ def test_offline_net_trains_saves_and_separates_classes(tmp_path, monkeypatch):
     assert between > 10 * within
     with pytest.raises(fid.FIDError, match="expects images"):
         net.features(torch.zeros(2, 3, 16, 16))
+
+
+def test_fid_from_images_streams_batches_and_reuses_reference_features():
+    torch.manual_seed(0)
+    net = fid.OfflineNet(in_channels=1, image_size=16, n_classes=2)      # untrained is enough for the plumbing
+    x, _ = two_class_images(300)
+    res = fid.fid_from_images(net, x[:150], x[150:], n_boot=0, ref_name="half")
+    assert res["n_gen"] == res["n_real"] == 150 and res["feats_ref"].shape == (150, 128)
+    batches = (x[i:i + 50].float() / 255 for i in range(0, 150, 50))     # a generator of [0, 1] float batches
+    again = fid.fid_from_images(net, batches, feats_ref=res["feats_ref"], n_boot=0)
+    assert again["fid"] == pytest.approx(res["fid"], rel=1e-12)          # same images, same rounding, same FID
+    with pytest.raises(fid.FIDError, match="no reference"):
+        fid.fid_from_images(net, x)
 
 
 # ------------------------------------------------------------------------------ the command line

@@ -39,11 +39,13 @@ def bench_treevae(args, device, autocast):
     cfg = treevae.treevae_config("mnist", "paper")
     x = torch.rand(args.batch, 1, 28, 28, device=device)
     out = []
-    for n_leaves in (2, 10):
+    variants = [(n, g) for n in (2, 10) for g in ([False, True] if args.graphs else [False])]
+    for n_leaves, graphs in variants:     # with --graphs: each tree eager, then captured (before/after)
         model = grown_tree(cfg, n_leaves, device).train_all()
-        step = TrainStep(model, list(model.parameters()), cfg, device, autocast, args.compile, args.graphs)
-        t = timed(lambda: step(x, 0.5), device, args.repeat)
+        step = TrainStep(model, list(model.parameters()), cfg, device, autocast, args.compile, graphs)
+        t = timed(lambda: step(x, 0.5), device, args.repeat, warmup=5)   # graphs: 3 warm-ups + capture
         out.append(report(f"treevae_train_step_{n_leaves}_leaves", device, args.batch, t, args, args.dtype,
+                          graphs=step.graphs,
                           params=sum(p.numel() for p in model.parameters()),
                           depth=max(model.depth.values())))
     # the small-subtree step: split a leaf of a 9-leaf tree and train only the new subtree
@@ -53,7 +55,7 @@ def bench_treevae(args, device, autocast):
     model.to(device)
     params = model.train_subtree(node)
     step = TrainStep(model, params, cfg, device, autocast, args.compile, args.graphs, decode=model.child_ids[node])
-    t = timed(lambda: step(x, 0.5), device, args.repeat)
+    t = timed(lambda: step(x, 0.5), device, args.repeat, warmup=5)
     out.append(report("treevae_subtree_step_under_9_leaves", device, args.batch, t, args, args.dtype))
     return out
 
@@ -147,7 +149,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
-    p.add_argument("--graphs", action="store_true", help="CUDA graphs for the TreeVAE steps (CUDA only)")
+    p.add_argument("--graphs", action="store_true", help="also time the TreeVAE steps captured as CUDA graphs")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--ddpm-batch", type=int, default=None, help="default 32 on CPU, 256 on CUDA")

@@ -189,9 +189,11 @@ class TrainStep:
     def __init__(self, model, params, cfg, device, autocast, compile=False, graphs=False, decode=None):
         self.model, self.cfg, self.autocast, self.decode = model, cfg, autocast, decode
         cuda = device.type == "cuda"
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None)
-        self.forward = torch.compile(model) if compile else model
         self.graphs = graphs and cuda and not cfg.contrastive    # augmentation is random per call: eager
+        # fused Adam: one multi-tensor kernel (CPU and CUDA); capturable keeps its step counter on the device
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
+                                    capturable=self.graphs)
+        self.forward = torch.compile(model) if compile else model
         self.alpha = torch.zeros((), device=device)             # a tensor, so a captured graph reads its value
         self.graph, self.warm = None, 0
 
@@ -413,11 +415,13 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images):
     path = os.path.join(run.out, "ddpm.pt")
     tv.eval().requires_grad_(False)
     unet = ddpm.UNet(dcfg).to(device)
+    if device.type == "cuda":                  # channels-last convolutions are the fast layout for cuDNN in bf16
+        unet = unet.to(memory_format=torch.channels_last)
     ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
     st = {"epoch": 0, "step": 0, "global_step": 0}
     if run.resume and os.path.exists(path):
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        unet.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        unet.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         st = ckpt["state"]
         set_rng_state(ckpt["rng"])
         print(f"resumed {path}: epoch {st['epoch']}, batch {st['step']}, {st['global_step']} steps done")
@@ -425,7 +429,7 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images):
 
     def save():
         save_atomic({"version": treevae.VERSION, "config": dataclasses.asdict(dcfg), "model": unet.state_dict(),
-                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
+                     "ema": ema.model.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
                      "n_leaves": tv.n_leaves}, path)
 
     net = torch.compile(unet) if run.compile else unet
@@ -500,7 +504,7 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
             else:
                 params, decode = list(model.train_all().parameters()), None
             step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
-            return timed(lambda: step(x, 0.5), device, repeat)[0]
+            return timed(lambda: step(x, 0.5), device, repeat, warmup=5)[0]
         L = tv_cfg.max_leaves
         t2, tL, t_sub = tree_step(2), tree_step(L), tree_step(L - 1, subtree=True)
         t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)       # linear in the leaf count
@@ -514,13 +518,15 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
             tv = grown_tree(tv_cfg, L, device).eval()
             unet = ddpm.UNet(dataclasses.replace(dcfg, n_leaves=L)).to(device)
             ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
-            xd = torch.rand(dcfg.batch_size, *shape[1:], device=device)
+            b = dcfg.batch_size if device.type == "cuda" else min(dcfg.batch_size, 32)   # CPU: time 32, scale up
+            xd = torch.rand(b, *shape[1:], device=device)
 
             def ddpm_step():
                 cond, leaf = leaf_condition(tv, xd)
                 with autocast():
                     ddpm.train_step(unet, ema, diffusion, opt, xd * 2 - 1, cond, leaf, dcfg, 10 ** 6)
-            phases["ddpm"] = dcfg.epochs * (n_train // dcfg.batch_size) * timed(ddpm_step, device, repeat)[0]
+            t_ddpm = timed(ddpm_step, device, repeat, warmup=1)[0] * dcfg.batch_size / b
+            phases["ddpm"] = dcfg.epochs * (n_train // dcfg.batch_size) * t_ddpm
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
           f" | total {total / 3600:.2f} h on {device} (steps: 2 leaves {t2 * 1e3:.1f} ms, {L} leaves "

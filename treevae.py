@@ -577,7 +577,7 @@ def choose_split(model, leaf_probs, batch_size):
         if model.depth[leaf] >= model.cfg.max_depth:
             return None, f"stop: the fullest leaf {leaf} is at the maximum depth {model.cfg.max_depth}", None
         return leaf, (f"split leaf {leaf} (index {k}, depth {model.depth[leaf]}, {int(counts[k])} samples, "
-                      f"n_eff {n_eff})"), members[:, k]
+                      f"n_eff {n_eff}; leaf masses % {[round(100 * float(m)) for m in mass]})"), members[:, k]
     return None, "stop: no leaf holds one batch of samples", None
 
 

@@ -238,7 +238,8 @@ def test_reconstruct_and_generate_keep_subtree_training_modes():
 # 5. Forced-leaf generation
 
 def test_generate_leaf_uses_that_leafs_path_and_decoder(monkeypatch):
-    model = make_model(max_depth=3)
+    # spectral_norm off: the test sets a decoder conv to zero weights, which a spectral norm cannot normalise
+    model = make_model(max_depth=3, spectral_norm=False)
     z0 = torch.randn(5, 4, 2, 2)
     # initial tree: leaf 0 (node 1) is the first node after the root, so both calls draw the same eps for it
     full, _ = model.generate(5, z0=z0, generator=torch.Generator().manual_seed(3))
@@ -579,3 +580,16 @@ def test_map_conv_equals_conv2d():
         g, = torch.autograd.grad(y.square().sum(), conv.weight)
         g_ref, = torch.autograd.grad(y_ref.square().sum(), conv.weight)
         assert torch.allclose(g, g_ref, atol=1e-4), R
+
+
+def test_generate_and_reconstruct_run_decoders_in_eval_mode():
+    """From a model in train mode, generate/reconstruct twice give identical images (no batch statistics, no
+    spectral-norm power iteration), and the train mode is restored afterwards."""
+    model, x = make_model(splits=[1]), images()
+    model.train()
+    z0 = torch.randn(4, 4, 2, 2)
+    a, _ = model.generate(4, z0=z0, generator=torch.Generator().manual_seed(1))
+    b, _ = model.generate(4, z0=z0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(model.reconstruct(x)[0], model.reconstruct(x)[0])
+    assert all(m.training for m in model.modules())

@@ -286,7 +286,8 @@ class TreeStage:
         for epoch in range(st["epoch"], epochs):
             # KL annealing, restarted every phase; the final fine-tuning ramps alpha to 1 over its epochs, as the
             # authors' code does (decay max(0.01, 1 / (epochs - 1))), so the finished model optimises the true ELBO
-            decay = max(0.01, 1 / max(1, epochs - 1)) if st["phase"] == "finetune" else cfg.decay_kl
+            ramp = st["phase"] == "finetune" and cfg.finetune_kl_ramp
+            decay = max(0.01, 1 / max(1, epochs - 1)) if ramp else cfg.decay_kl
             alpha = min(1.0, cfg.kl_start + epoch * decay)
             self.step.set_lr(cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_decay_every))   # step decay
             for x, _ in batches.epoch(epoch, start=st["step"]):
@@ -540,9 +541,14 @@ def main(argv=None):
     run, tv_cfg, ddpm_overrides = parse_args(argv)
     torch.manual_seed(run.seed)
     device, autocast = setup_device(run.device)
-    os.makedirs(run.out, exist_ok=True)
     images, labels = data.load(run.dataset, "train", run.data_dir)
     test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
+    os.makedirs(run.out, exist_ok=True)                 # only once the data are there: no empty run folders
+    tv_path = os.path.join(run.out, "treevae.pt")
+    tv_ckpt = torch.load(tv_path, map_location="cpu", weights_only=True) if os.path.exists(tv_path) else None
+    if run.resume and tv_ckpt is not None:              # a resumed run keeps the schedule it was started with
+        tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
+        print(f"--resume: using the TreeVAE configuration saved in {tv_path}")
     train_idx, val_idx = data.train_val_split(len(images), tv_cfg.val_fraction, seed=0)
     print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
@@ -551,11 +557,11 @@ def main(argv=None):
         dcfg_plan = None if run.stage == "treevae" else ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves)
         plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx])
-    tv_path, metrics_path = stage1.path, os.path.join(run.out, "metrics.json")
+    metrics_path = os.path.join(run.out, "metrics.json")
     metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
     if run.stage in ("treevae", "all"):
-        if run.resume and os.path.exists(tv_path):
-            stage1.load(torch.load(tv_path, map_location="cpu", weights_only=True))
+        if run.resume and tv_ckpt is not None:
+            stage1.load(tv_ckpt)
         elif run.resume:
             print(f"--resume: no {tv_path} yet, starting stage 1 from scratch")
         stage1.fit()
@@ -568,12 +574,16 @@ def main(argv=None):
     if not os.path.exists(tv_path):
         raise data.DataError(f"no {tv_path}: train stage 1 first (python train.py --dataset {run.dataset} "
                              f"--stage treevae)")
-    tv = treevae.TreeVAE.from_checkpoint(torch.load(tv_path, map_location="cpu", weights_only=True)).to(device)
-    if tv_ckpt_state(tv_path) != "done":
+    tv_ckpt = torch.load(tv_path, map_location="cpu", weights_only=True)
+    tv = treevae.TreeVAE.from_checkpoint(tv_ckpt).to(device)
+    if tv_ckpt["state"]["phase"] != "done":
         raise data.DataError(f"{tv_path} is an unfinished stage 1: run python train.py --dataset {run.dataset} "
                              f"--stage treevae --resume")
     if run.stage in ("ddpm", "all"):
         dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
+        ddpm_path = os.path.join(run.out, "ddpm.pt")
+        if run.resume and os.path.exists(ddpm_path):     # keep the DDPM configuration it was started with
+            dcfg = ddpm.DDPMConfig(**torch.load(ddpm_path, map_location="cpu", weights_only=True)["config"])
         print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
         train_ddpm(run, dcfg, tv, device, autocast, images[train_idx])
     import sample                                                  # figures: tree.png and sample grids
@@ -583,10 +593,6 @@ def main(argv=None):
                                           steps=run.sample_steps))
     json.dump(metrics, open(metrics_path, "w"), indent=1)
     print(f"wrote {metrics_path}")
-
-
-def tv_ckpt_state(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["state"]["phase"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One prepared device check (issue 7): benchmarks, planner, a short real Fashion-MNIST run with figures and FID.
+# Usage: bash data/gpu.sh OUT_DIR DEVICE PRESET EXTRA_TRAIN_FLAGS...
+OUT=${1:-/tmp/out}; DEV=${2:-cuda}; PRESET=${3:-fast}; shift 3
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+PY=python3
+( nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; date -u ) > "$OUT/env.txt" 2>&1
+if [ "$DEV" = cuda ]; then BENCH="--repeat 20"; else BENCH="--repeat 2 --ddpm-batch 2 --ddim-images 2 --ddim-steps 2 --feature-batch 2"; fi
+timeout ${T_BENCH:-100} $PY bench.py --device $DEV --graphs $BENCH --data-dir data > "$OUT/bench.jsonl" 2>&1
+timeout ${T_PLAN:-40} $PY bench.py --device $DEV --graphs --plan --dataset mnist >> "$OUT/bench.jsonl" 2>&1
+timeout ${T_TRAIN:-200} $PY train.py --dataset fashion_mnist --data-dir data --preset $PRESET --device $DEV --graphs true \
+  --out /tmp/gpurun --log-every 200 "$@" > "$OUT/train.log" 2>&1
+for f in metrics.json tree.png all_leaves.png samples.png; do cp /tmp/gpurun/$f "$OUT/" 2>/dev/null; done
+cat "$OUT/env.txt" "$OUT/bench.jsonl"; grep -v "step " "$OUT/train.log" | tail -40

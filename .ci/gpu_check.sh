@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One prepared device check (issue 7): benchmarks, planner, a short real Fashion-MNIST run with figures and FID.
-# Usage: bash data/gpu.sh OUT_DIR DEVICE PRESET EXTRA_TRAIN_FLAGS...
+# Needs Fashion-MNIST in data/fashion-mnist/ (copy ../shared/data/fashion-mnist there; data/ is git-ignored, so a
+# device call must carry it). Usage, from the repository root:
+#   bash .ci/gpu_check.sh OUT_DIR cuda fast --ddpm-epochs 6 --fid-samples 1000 --plan false
+# Dry run on a CPU: OMP_NUM_THREADS=1 bash .ci/gpu_check.sh /tmp/out cpu smoke --ddpm-epochs 1 --plan false
 OUT=${1:-/tmp/out}; DEV=${2:-cuda}; PRESET=${3:-fast}; shift 3
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"

@@ -336,12 +336,13 @@ class TreeStage:
                 if st["splits"] and st["splits"] % cfg.splits_per_retrain == 0 and st["retrained_at"] != st["splits"]:
                     self.next_phase("intermediate")
                     continue
-                leaf, msg, members = treevae.choose_split(model, self.leaf_probs(self.train_images), cfg.batch_size)
+                probs = self.leaf_probs(self.train_images)                      # (N, n_leaves)
+                leaf, msg, members = treevae.choose_split(model, probs, cfg.batch_size)
                 if st["splits"] >= 150:                        # the authors' cap on growing iterations
                     leaf, msg = None, "stop: 150 splits"
                 self.log(f"[grow] {msg}")
                 if leaf is None:
-                    counts = torch.bincount(self.leaf_probs(self.train_images).argmax(1), minlength=model.n_leaves)
+                    counts = torch.bincount(probs.argmax(1), minlength=model.n_leaves)
                     pruned = model.prune(counts.tolist(), cfg.prune_threshold)
                     self.log(f"[prune] removed leaves {pruned} (< {cfg.prune_threshold:.0%} of the samples); "
                              f"{model.n_leaves} leaves remain")

@@ -548,13 +548,16 @@ def load_offline_net(path, device="cpu"):
 
 
 def offline_extractor(dataset, root="data", cache_dir="cache", epochs=3, seed=0, device="cpu", log=print):
-    """The cached OfflineNet of a data set (cache_dir/feature_net_<dataset>.pt), trained on first use on the
+    """The cached OfflineNet of a data set (cache_dir/feature_net_<dataset>_<hash of its training images>.pt), trained on first use on the
     training split (data.load) and evaluated once on the test split; the accuracy is part of its name."""
     name = data.canonical_name(dataset)
-    path = os.path.join(cache_dir, f"feature_net_{name}.pt")
+    x_train, y_train = data.load(name, "train", root)
+    # The cache is keyed by the training images themselves, so a net trained on a subset (e.g. the 9k-digit MNIST
+    # subset) is never reused for the full data set: their FIDs are not comparable.
+    fingerprint = hashlib.sha1(x_train.numpy().tobytes()).hexdigest()[:8]
+    path = os.path.join(cache_dir, f"feature_net_{name}_{fingerprint}.pt")
     if os.path.exists(path):
         return load_offline_net(path, device)
-    x_train, y_train = data.load(name, "train", root)
     x_test, y_test = data.load(name, "test", root)
     log(f"training the offline extractor on {name} train ({len(x_train)} images, {epochs} epochs) ...")
     t0, c0 = time.perf_counter(), time.process_time()

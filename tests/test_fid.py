@@ -216,12 +216,12 @@ def test_offline_net_trains_saves_and_separates_classes(tmp_path, monkeypatch):
     net = fid.offline_extractor("mnist", root="unused", cache_dir=str(tmp_path), epochs=2, log=logs.append)
     assert calls == ["train", "test"] and any("test accuracy" in line for line in logs)
     assert net.meta["test_acc"] > 0.95 and "comparable only to itself" in net.name
-    path = tmp_path / "feature_net_mnist.pt"
+    path, = tmp_path.glob("feature_net_mnist_*.pt")           # keyed by a hash of the training images
     ckpt = torch.load(path, weights_only=True)                  # self-contained, safe to load
     assert ckpt["config"]["feat_dim"] == 128 and ckpt["dataset"] == "mnist"
-    # the second call loads the cache: no data, same features
+    # the second call loads the cache (it reads the training split only to check the hash): same features
     again = fid.offline_extractor("mnist", root="unused", cache_dir=str(tmp_path))
-    assert calls == ["train", "test"] and again.name == net.name
+    assert calls == ["train", "test", "train"] and again.name == net.name
     f = net.features(x)
     assert f.shape == (400, 128) and torch.equal(f, again.features(x))
     # its Frechet distance separates the classes: class 0 vs class 1 >> class 0 vs class 0
@@ -231,6 +231,11 @@ def test_offline_net_trains_saves_and_separates_classes(tmp_path, monkeypatch):
     assert between > 10 * within
     with pytest.raises(fid.FIDError, match="expects images"):
         net.features(torch.zeros(2, 3, 16, 16))
+    # other training images (a subset, another copy) get a net of their own, not the cached one
+    monkeypatch.setattr(fid.data, "load", lambda name, split, root: calls.append(split) or two_class_images(
+        300 if split == "train" else 200, seed=int(split == "test")))
+    fid.offline_extractor("mnist", root="unused", cache_dir=str(tmp_path), epochs=1, log=logs.append)
+    assert len(list(tmp_path.glob("feature_net_mnist_*.pt"))) == 2
 
 
 def test_fid_from_images_streams_batches_and_reuses_reference_features():

@@ -137,6 +137,8 @@ def load_run(run_dir, device="cpu"):
         elif d.get("n_leaves") != tv.n_leaves:       # stage 1 was retrained after stage 2
             problem = (f"{dm_path} was trained on a tree with {d.get('n_leaves')} leaves but {tv_path} has "
                        f"{tv.n_leaves}: {redo}")
+        elif d.get("treevae_id", tv.fingerprint()) != tv.fingerprint():   # same leaf count, other weights
+            problem = f"{dm_path} was trained on other stage-1 weights than {tv_path} (retrained since?): {redo}"
         else:
             names = {f.name for f in dataclasses.fields(ddpm.DDPMConfig)}
             dcfg = ddpm.DDPMConfig(**{k: v for k, v in d["config"].items() if k in names})

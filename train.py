@@ -429,10 +429,12 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images):
         print(f"resumed {path}: epoch {st['epoch']}, batch {st['step']}, {st['global_step']} steps done")
     print(f"DDPM: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, {tv.n_leaves} leaves")
 
+    tv_id = tv.fingerprint()                     # which stage-1 weights this DDPM is conditioned on
+
     def save():
         save_atomic({"version": treevae.VERSION, "config": dataclasses.asdict(dcfg), "model": unet.state_dict(),
                      "ema": ema.model.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
-                     "n_leaves": tv.n_leaves}, path)
+                     "n_leaves": tv.n_leaves, "treevae_id": tv_id}, path)
 
     net = torch.compile(unet) if run.compile else unet
     batches = data.Batches(train_images, None, min(dcfg.batch_size, len(train_images)), device,

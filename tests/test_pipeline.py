@@ -293,3 +293,17 @@ def test_error_incompatible_version(run, data_dir, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "old" / "treevae.pt")
     fails(sample_cli(capsys, "--run", tmp_path / "old"), "incompatible version", "999", "retrain with python train.py")
     fails(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", tmp_path / "old", "--resume"), "999")
+
+
+def test_error_ddpm_from_other_treevae_weights(run, tmp_path, capsys):
+    """ddpm.pt records the fingerprint of the stage-1 weights it was trained on: same leaf count, other weights
+    (stage 1 retrained) -> the DDPM is refused with the remedy."""
+    import shutil
+    other = tmp_path / "retrained"
+    other.mkdir()
+    shutil.copy(run / "ddpm.pt", other / "ddpm.pt")
+    ckpt = load(run / "treevae.pt")
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1.0
+    torch.save(ckpt, other / "treevae.pt")
+    fails(sample_cli(capsys, "--run", other), "other stage-1 weights", "--stage ddpm")

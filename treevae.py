@@ -363,6 +363,10 @@ class TreeVAE(nn.Module):
         decode: leaf ids whose reconstruction term is computed (default all); subtree training decodes only the
         new leaves, since the other leaves' terms do not depend on the trainable parameters.
         Returns the loss terms (batch means) and leaf_probs (B, n_leaves)."""
+        return self.infer(x, x2, sample, decode)[0]
+
+    def infer(self, x, x2=None, sample=True, decode=None):
+        """The inference walk behind forward: (forward's dict, z) with z[i] the latent of node i (B, C, R, R)."""
         if x2 is not None:
             if not self.cfg.contrastive:
                 raise ValueError("a second view x2 needs contrastive=True (the CIFAR-10 setting)")
@@ -396,7 +400,7 @@ class TreeVAE(nn.Module):
                "leaf_probs": torch.stack([prob[l] for l in self.leaves], 1)}  # (B, n_leaves)
         if x2 is not None:
             out["contrastive"] = self.cfg.contrastive_weight * self.contrastive_loss(d, logit_q, prob)
-        return out
+        return out, z
 
     def nll(self, x, out):
         """-log p(x | z_l) summed over pixels: BCE with logits (Bernoulli) or the sum of squared errors (the
@@ -444,18 +448,11 @@ class TreeVAE(nn.Module):
         assert x.min() >= 0 and x.max() <= 1, "TreeVAE expects images in [0, 1] (use data.to_float)"
         modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
         self.eval()
-        d = self.bottom_up_features(x)
-        z, prob = {}, {0: x.new_ones(len(x))}
-        for i in self.walk():
-            key, d_i = str(i), d[self.cfg.max_depth - self.depth[i]]
-            mu_hat, var_hat = self.dense[key](d_i)
-            z[i] = mu_hat if self.parent[i] is None else precision_weighted(
-                mu_hat, var_hat, *self.transform[key](z[self.parent[i]]))[0]
-            self._route(i, prob, self.router_q[str(i)](d_i) if len(self.child_ids[i]) == 2 else None)
+        out, z = self.infer(x, sample=False, decode=[])       # the same walk as training, at posterior means
         x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)
         for m, mode in modes.items():
             m.training = mode
-        return x_hat, torch.stack([prob[l] for l in self.leaves], 1)
+        return x_hat, out["leaf_probs"]
 
     def _route(self, i, prob, logit_left):
         """Pass node i's probability to its children: split by the decision, or copy through one child."""

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VERSION = 1  # bump when the checkpoint layout changes
+VERSION = 2  # bump when the checkpoint layout changes
 
 
 @dataclass
@@ -50,9 +50,13 @@ class TreeVAEConfig:
     latent_channels: int = 16          # latent per node: 16 x 2 x 2 on MNIST (SPEC 3)
     latent_size: int = 2
     bottom_up_channels: int = 32       # bottom-up features: 32 x 2 x 2
+    encoder_arch: str = "fast"         # 28 x 28 inputs: 'fast' (ours, pixel unshuffle) | 'authors' (large kernels)
+    decoder_arch: str = "fast"         # 28 x 28 inputs: 'fast' (ours, pixel shuffle) | 'authors' (transposed convs)
     decoder_channels: int = 16         # decoder width (its 7 x 7 convs dominate the FLOPs: 16 keeps ~1.0 M params at 10 leaves)
     activation: str = "swish"          # 'swish' or 'leaky_relu' (slope 0.3, the authors' FMNIST setting)
-    spectral_norm: bool = True         # spectral normalisation of the decoders' convolutions (the authors' configs)
+    residual: bool = False             # skip connection in the bottom-up blocks (authors' res_connections: False)
+    spectral_norm: bool = True         # spectral norm on the encoder, the bottom-up chain and split-born heads (authors)
+    decoder_spectral_norm: bool = False  # spectral norm on the decoders' convolutions too (not the authors' code)
     max_depth: int = 6
     max_leaves: int = 10               # leaf budget: stop growing when n_eff reaches it
     lr: float = 1e-3
@@ -143,6 +147,8 @@ class MapConv(nn.Conv2d):
         super().__init__(c_in, c_out, 3, padding=1, bias=bias)
 
     def forward(self, h):
+        if torch.compiler.is_compiling():     # compiled code has no per-call cost to save (and inductor fails
+            return super().forward(h)         # on this gather of a spectral-normed weight): the plain conv
         B, C, R, _ = h.shape
         p = torch.arange(R * R, device=h.device)
         dy = (p // R)[None, :] - (p // R)[:, None] + 1                       # (P, Q) row offset of the tap
@@ -154,18 +160,26 @@ class MapConv(nn.Conv2d):
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
-def conv_bn(c_in, c_out, act, k=3, stride=1, pad=1, small=False):
+def spectral(m, on=True):
+    """Spectral normalisation (Miyato et al. 2018): W / sigma_max(W), sigma_max by one power iteration per step.
+    It caps the gain of a layer at 1; the authors put it on the encoder and the bottom-up chain."""
+    return nn.utils.parametrizations.spectral_norm(m) if on else m
+
+
+def conv_bn(c_in, c_out, act, k=3, stride=1, pad=1, small=False, sn=False):
     conv = MapConv(c_in, c_out, bias=False) if small else nn.Conv2d(c_in, c_out, k, stride, pad, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(c_out), act_fn(act))
+    return nn.Sequential(spectral(conv, sn), nn.BatchNorm2d(c_out), act_fn(act))
 
 
 class MLPBlock(nn.Module):
-    """3 x (conv3x3 + BN + act) on an R x R map: the 'MLP' of the CNN-TreeVAE; residual when in == out."""
-    def __init__(self, c_in, c_out, act):
+    """3 x (conv3x3 + BN + act) on an R x R map, channels c_in -> c_in -> c_in -> c_out: the 'MLP' of the
+    CNN-TreeVAE (the authors' `Conv`). Spectral norm on the first two convs (`sn`, the authors' bottom-up chain);
+    a residual connection only when asked for and in == out."""
+    def __init__(self, c_in, c_out, act, residual=False, sn=False):
         super().__init__()
-        self.net = nn.Sequential(conv_bn(c_in, c_out, act, small=True), conv_bn(c_out, c_out, act, small=True),
-                                 conv_bn(c_out, c_out, act, small=True))
-        self.residual = c_in == c_out
+        self.net = nn.Sequential(conv_bn(c_in, c_in, act, small=True, sn=sn), conv_bn(c_in, c_in, act, small=True, sn=sn),
+                                 conv_bn(c_in, c_out, act, small=True))
+        self.residual = residual and c_in == c_out
 
     def forward(self, h):
         return h + self.net(h) if self.residual else self.net(h)
@@ -173,9 +187,9 @@ class MLPBlock(nn.Module):
 
 class GaussianHead(nn.Module):
     """(mu, var) by two conv3x3; var = softplus(.) + 1e-6 keeps every log finite without clamping."""
-    def __init__(self, c_in, c_out):
+    def __init__(self, c_in, c_out, sn=False):
         super().__init__()
-        self.mu, self.var = MapConv(c_in, c_out), MapConv(c_in, c_out)
+        self.mu, self.var = spectral(MapConv(c_in, c_out), sn), spectral(MapConv(c_in, c_out), sn)
 
     def forward(self, h):
         return self.mu(h), F.softplus(self.var(h)) + 1e-6
@@ -192,26 +206,30 @@ class Transformation(nn.Module):
 
 
 class Router(nn.Module):
-    """Decision logit: conv3x3 -> 1 channel, flatten R^2, MLP(hidden = bottom-up channels, BN, act) -> 1.
-    Returns the logit of 'go left' (B,); the probability is its sigmoid."""
+    """Decision logit: conv3x3 -> 1 channel, flatten R^2, two hidden layers (Linear, BN, act; width = bottom-up
+    channels) -> 1. Returns the logit of 'go left' (B,); the probability is its sigmoid."""
     def __init__(self, c_in, r, c_hidden, act):
         super().__init__()
-        self.conv = MapConv(c_in, 1)
+        self.conv = MapConv(c_in, 1, bias=False)
         self.mlp = nn.Sequential(nn.Linear(r * r, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
+                                 nn.Linear(c_hidden, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
                                  nn.Linear(c_hidden, 1))
 
     def forward(self, h):
-        return self.mlp(self.conv(h).flatten(1)).squeeze(1)  # (B,)
+        # A decision is a difference of logits: under bf16 autocast (GPU) its 8-bit mantissa moves P(l|x) by ~1 %,
+        # so the routers always run in float32 (they are a tiny share of the FLOPs).
+        with torch.autocast(h.device.type, enabled=False):
+            return self.mlp(self.conv(h.float()).flatten(1)).squeeze(1)  # (B,)
 
 
 class SmallEncoder(nn.Module):
     """MNIST/FMNIST encoder, 28 -> 7 -> 3 -> 2 px. [ours] Instead of the authors' large-kernel convs on the 28 x 28
     grid, a space-to-depth step (pixel unshuffle: each 4 x 4 patch becomes 16 channels at 7 x 7) lets every conv
     run on wide, small maps, which is 2-4x faster on a CPU for the same receptive field (README, bench.py)."""
-    def __init__(self, c_in, c_out, act):
+    def __init__(self, c_in, c_out, act, sn=False):
         super().__init__()
-        self.net = nn.Sequential(nn.PixelUnshuffle(4), conv_bn(16 * c_in, 32, act, 3, 1, 1),      # (32, 7, 7)
-                                 conv_bn(32, 32, act, 3, 2, 0), conv_bn(32, c_out, act, 2, 1, 0))  # 3, then 2 px
+        self.net = nn.Sequential(nn.PixelUnshuffle(4), conv_bn(16 * c_in, 32, act, 3, 1, 1, sn=sn),          # (32, 7, 7)
+                                 conv_bn(32, 32, act, 3, 2, 0, sn=sn), conv_bn(32, c_out, act, 2, 1, 0, sn=sn))  # 3, 2 px
 
     def forward(self, x):
         return self.net(x)  # (B, C, 2, 2)
@@ -232,6 +250,37 @@ class SmallDecoder(nn.Module):
         return self.net(z)
 
 
+def _linspace_channels(a, b):
+    """The authors' channel ladder: 4 evenly spaced integers from a to b (1 -> 32: 1, 11, 21, 32)."""
+    return [int(a + (b - a) * k / 3) for k in range(4)]
+
+
+class AuthorsEncoder(nn.Module):
+    """The authors' MNIST encoder: three large-kernel convs, 28 -> 19 -> 10 -> 2 px, channels 1 -> 11 -> 21 -> 32."""
+    def __init__(self, c_in, c_out, act, sn=False):
+        super().__init__()
+        c = _linspace_channels(c_in, c_out)
+        self.net = nn.Sequential(conv_bn(c[0], c[1], act, 12, 1, 1, sn=sn), conv_bn(c[1], c[2], act, 12, 1, 1, sn=sn),
+                                 conv_bn(c[2], c[3], act, 7, 5, 1, sn=sn))
+
+    def forward(self, x):
+        return self.net(x)  # (B, C, 2, 2)
+
+
+class AuthorsDecoder(nn.Module):
+    """The authors' MNIST decoder: transposed convs 2 -> 10 -> 19 -> 28 px, channels 16 -> 11 -> 6 -> 1."""
+    def __init__(self, c_latent, c_out, width, act):
+        super().__init__()
+        c = _linspace_channels(c_latent, c_out)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(c[0], c[1], 7, 5, 1, bias=False), nn.BatchNorm2d(c[1]), act_fn(act),     # (c1, 10, 10)
+            nn.ConvTranspose2d(c[1], c[2], 12, 1, 1, bias=False), nn.BatchNorm2d(c[2]), act_fn(act),    # (c2, 19, 19)
+            nn.ConvTranspose2d(c[2], c[3], 12, 1, 1, bias=False))                                       # (1, 28, 28)
+
+    def forward(self, z):
+        return self.net(z)
+
+
 class ResBlock(nn.Module):
     def __init__(self, c, act):
         super().__init__()
@@ -244,9 +293,9 @@ class ResBlock(nn.Module):
 
 class ResEncoder(nn.Module):
     """CIFAR-10 encoder: conv3x3, ResNet blocks, 3 stride-2 downsamples 32 -> 4 px, ending with c_out channels."""
-    def __init__(self, c_in, c_out, act):
+    def __init__(self, c_in, c_out, act, sn=False):
         super().__init__()
-        chans, layers = [c_out // 4, c_out // 2, c_out], [nn.Conv2d(c_in, c_out // 4, 3, padding=1)]
+        chans, layers = [c_out // 4, c_out // 2, c_out], [spectral(nn.Conv2d(c_in, c_out // 4, 3, padding=1), sn)]
         for i, c in enumerate(chans):
             layers += [ResBlock(chans[max(i - 1, 0)], act), nn.Conv2d(chans[max(i - 1, 0)], c, 4, 2, 1)]
         self.net = nn.Sequential(*layers, ResBlock(c_out, act), nn.BatchNorm2d(c_out), act_fn(act))
@@ -278,9 +327,11 @@ class TreeVAE(nn.Module):
         self.cfg = cfg
         c, r, cb, act = cfg.latent_channels, cfg.latent_size, cfg.bottom_up_channels, cfg.activation
         small = cfg.image_size == 28
-        self.encoder = (SmallEncoder if small else ResEncoder)(cfg.in_channels, cb, act)
+        encoder = (AuthorsEncoder if cfg.encoder_arch == "authors" else SmallEncoder) if small else ResEncoder
+        self.encoder = encoder(cfg.in_channels, cb, act, cfg.spectral_norm)
         # d_1 .. d_max_depth: one bottom-up step per level; the root reads d_max_depth, the deepest leaves d_0
-        self.bottom_up = nn.ModuleList(MLPBlock(cb, cb, act) for _ in range(cfg.max_depth))
+        self.bottom_up = nn.ModuleList(MLPBlock(cb, cb, act, cfg.residual, cfg.spectral_norm)
+                                       for _ in range(cfg.max_depth))
         # Per-node modules live in dicts keyed by str(node id); which keys exist follows the topology.
         self.dense, self.transform = nn.ModuleDict(), nn.ModuleDict()
         self.router_p, self.router_q, self.decoder = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
@@ -299,7 +350,9 @@ class TreeVAE(nn.Module):
         cfg, key = self.cfg, str(i)
         self.parent[i], self.child_ids[i] = parent, []
         self.depth[i] = 0 if parent is None else self.depth[parent] + 1
-        self.dense[key] = GaussianHead(cfg.bottom_up_channels, cfg.latent_channels)
+        # The authors' code normalises the dense heads of the nodes that splits create (ids from 3 on: the initial
+        # tree is 0, 1, 2), not those of the initial tree; we follow it.
+        self.dense[key] = GaussianHead(cfg.bottom_up_channels, cfg.latent_channels, cfg.spectral_norm and i >= 3)
         if parent is not None:
             self.transform[key] = Transformation(cfg.latent_channels, cfg.bottom_up_channels, cfg.activation)
             self.child_ids[parent].append(i)
@@ -308,9 +361,10 @@ class TreeVAE(nn.Module):
 
     def _new_decoder(self):
         cfg = self.cfg
-        decoder = (SmallDecoder if cfg.image_size == 28 else ResDecoder)(
+        small = AuthorsDecoder if cfg.decoder_arch == "authors" else SmallDecoder
+        decoder = (small if cfg.image_size == 28 else ResDecoder)(
             cfg.latent_channels, cfg.in_channels, cfg.decoder_channels, cfg.activation)
-        if cfg.spectral_norm:      # the authors' setting: caps each decoder layer's gain at 1 (power iteration)
+        if cfg.decoder_spectral_norm:      # not the authors' placement (see TreeVAEConfig), kept to compare
             for name, m in list(decoder.net.named_children()):
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                     decoder.net.register_module(name, nn.utils.parametrizations.spectral_norm(m))

@@ -519,7 +519,8 @@ def test_contrastive_path_is_finite_positive_and_trains():
     assert model(x)["contrastive"] == 0                         # one view: no contrastive term
     out["contrastive"].backward()
     for name in ("projection.0.weight", "router_q.0.conv.weight", "router_q.1.conv.weight",
-                 "encoder.net.0.weight", "bottom_up.0.net.0.0.weight"):
+                 "encoder.net.0.parametrizations.weight.original",          # spectral norm: the raw weight
+                 "bottom_up.0.net.0.0.parametrizations.weight.original"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     model.zero_grad()

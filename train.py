@@ -127,6 +127,7 @@ def setup_device(name, precision="auto"):
     device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN time its algorithms once per shape
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if bf16 and device.type not in ("cuda", "cpu"):
         raise data.DataError(f"bf16 autocast is not supported on {device.type}: use --precision fp32")

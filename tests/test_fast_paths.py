@@ -8,7 +8,8 @@ Each test runs an optimised path next to an independent plain computation and co
 - bf16 autocast vs fp32: the DDPM loss and the TreeVAE loss terms, each returned in float32;
 - ddpm.EMA.update (one foreach lerp) vs the textbook per-parameter average;
 - ddpm.dropout (CPU: rand_like written out) vs the definition of inverted dropout;
-- a spectral-normed treevae.MapConv (a 3x3 conv as one matrix product) vs a spectral-normed nn.Conv2d.
+- a spectral-normed treevae.MapConv (a 3x3 conv as one matrix product) vs a spectral-normed nn.Conv2d;
+- the DDPM's conditioning computed once for the whole training set (train.leaf_reconstructions) vs per batch.
 
 Tolerances are stated where they are used, with the reason. Runtime on one thread: the compile test 35-65 s
 with a cold inductor cache (it compiles forward and backward; ~5 s once cached), a few seconds for the rest.
@@ -369,3 +370,24 @@ def test_spectral_map_conv_equals_spectral_conv2d():
         assert not torch.equal(sn._u, u0)                                     # a power iteration ran
         torch.testing.assert_close(sn._u, sn_ref._u, rtol=0, atol=1e-6)
         torch.testing.assert_close(sn._v, sn_ref._v, rtol=0, atol=1e-6)
+
+
+def test_precomputed_leaf_conditioning_matches_per_batch():
+    """Stage 2 computes every leaf's reconstruction and P(l|x) once for the training set; a batch then indexes its
+    rows. The frozen TreeVAE is deterministic in eval mode, so this must give the same leaves (same RNG draws) and
+    the same conditioning images as running it on the batch. Tolerance 1e-6: batch-size-dependent float sums."""
+    import data
+    tv = smoke_treevae(seed=3, splits=(1,)).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g)
+    x_hat_all, probs_all = train.leaf_reconstructions(tv, images, CPU, batch=16)
+    assert x_hat_all.shape == (40, 3, 1, 28, 28) and probs_all.shape == (40, 3)
+    rows = torch.tensor([5, 0, 39, 17, 22, 8])
+    x_hat_b, probs_b = tv.reconstruct(data.to_float(images[rows]))
+    torch.manual_seed(7)
+    cond_pre, leaf_pre = train.leaf_condition(x_hat_all[rows], probs_all[rows])
+    torch.manual_seed(7)
+    cond_b, leaf_b = train.leaf_condition(x_hat_b, probs_b.float())
+    assert torch.equal(leaf_pre, leaf_b)
+    torch.testing.assert_close(cond_pre, cond_b, rtol=0, atol=1e-6)
+    assert cond_pre.min() >= -1 and cond_pre.max() <= 1                 # the DDPM's [-1, 1] range

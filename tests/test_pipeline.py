@@ -307,3 +307,22 @@ def test_error_ddpm_from_other_treevae_weights(run, tmp_path, capsys):
     ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1.0
     torch.save(ckpt, other / "treevae.pt")
     fails(sample_cli(capsys, "--run", other), "other stage-1 weights", "--stage ddpm")
+
+
+# ----------------------------------------------------------------------------- restarts
+def test_restarts_keep_the_lowest_validation_elbo(data_dir, tmp_path):
+    """--restarts 2: two stage-1 runs (seeds 0, 1) as child processes; the run folder's treevae.pt is the one with
+    the lower validation -ELBO, and metrics.json lists both (with their test NMI, reported but never used)."""
+    out = tmp_path / "mnist"
+    proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", out, "--stage", "treevae",
+                  "--restarts", 2))
+    assert "[restarts] validation -ELBO" in proc.stdout
+    runs = json.load(open(out / "metrics.json"))["treevae"]["restarts"]
+    elbos = [r["val_elbo"] for r in runs["runs"]]
+    assert [r["seed"] for r in runs["runs"]] == [0, 1] and runs["chosen"] == elbos.index(min(elbos))
+    chosen = load(out / f"restart_{runs['chosen']}" / "treevae.pt")
+    assert_identical(load(out / "treevae.pt")["state_dict"], chosen["state_dict"])
+    other = load(out / f"restart_{1 - runs['chosen']}" / "treevae.pt")
+    assert other["state"]["val_elbo"] >= chosen["state"]["val_elbo"]
+    W = "encoder.net.0.0.parametrizations.weight.original"                 # different seeds, different weights
+    assert not torch.equal(other["state_dict"][W], chosen["state_dict"][W])

@@ -32,6 +32,7 @@ dicts, `self.depth`. Every feature visits the tree through the single breadth-fi
 """
 import hashlib
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -230,7 +231,8 @@ class Router(nn.Module):
     def forward(self, h):
         # A decision is a difference of logits: under bf16 autocast (GPU) its 8-bit mantissa moves P(l|x) by ~1 %,
         # so the routers always run in float32 (they are a tiny share of the FLOPs).
-        with torch.autocast(h.device.type, enabled=False):
+        off = torch.autocast(h.device.type, enabled=False) if h.device.type in ("cuda", "cpu") else nullcontext()
+        with off:                                  # (torch 2.4 has no autocast on MPS, not even a disabled one)
             return self.mlp(self.conv(h.float()).flatten(1)).squeeze(1)  # (B,)
 
 
@@ -265,18 +267,6 @@ class SmallDecoder(nn.Module):
 def _linspace_channels(a, b):
     """The authors' channel ladder: 4 evenly spaced integers from a to b (1 -> 32: 1, 11, 21, 32)."""
     return [int(a + (b - a) * k / 3) for k in range(4)]
-
-
-class WideEncoder(nn.Module):
-    """Experimental: pixel unshuffle by 2 (14 x 14 x 4), then 3x3 convs 14 -> 7 -> 3 -> 2 px at 32 channels."""
-    def __init__(self, c_in, c_out, act, sn=False):
-        super().__init__()
-        self.net = nn.Sequential(nn.PixelUnshuffle(2), conv_bn(4 * c_in, 32, act, 3, 1, 1, sn=sn),   # (32, 14, 14)
-                                 conv_bn(32, 32, act, 4, 2, 1, sn=sn), conv_bn(32, 32, act, 3, 1, 1, sn=sn),  # 7 px
-                                 conv_bn(32, 32, act, 3, 2, 0, sn=sn), conv_bn(32, c_out, act, 2, 1, 0, sn=sn))  # 3, 2
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class AuthorsEncoder(nn.Module):
@@ -350,11 +340,13 @@ class ResDecoder(nn.Module):
 class TreeVAE(nn.Module):
     def __init__(self, cfg: TreeVAEConfig, topology=None):
         super().__init__()
+        for name in ("encoder_arch", "decoder_arch"):
+            if getattr(cfg, name) not in ("fast", "authors"):
+                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: use 'authors' or 'fast'")
         self.cfg = cfg
         c, r, cb, act = cfg.latent_channels, cfg.latent_size, cfg.bottom_up_channels, cfg.activation
         small = cfg.image_size == 28
-        encoder = ({"authors": AuthorsEncoder, "wide": WideEncoder}.get(cfg.encoder_arch, SmallEncoder)
-                   if small else ResEncoder)
+        encoder = (AuthorsEncoder if cfg.encoder_arch == "authors" else SmallEncoder) if small else ResEncoder
         self.encoder = encoder(cfg.in_channels, cb, act, cfg.spectral_norm)
         # d_1 .. d_max_depth: one bottom-up step per level; the root reads d_max_depth, the deepest leaves d_0
         self.bottom_up = nn.ModuleList(MLPBlock(cb, cb, act, cfg.residual, cfg.spectral_norm)

@@ -405,8 +405,8 @@ class TreeStage:
         if self.val_labels is not None and len(self.val_images):   # labels for monitoring only
             pred = self.leaf_probs(self.val_images).argmax(1).cpu()
             nmi = f" | NMI {treevae.nmi(pred, self.val_labels):.3f}"
-        self.st["val_elbo"] = sum(terms.values())                   # the restarts' selection criterion
-        print(f"[{tag}] validation: -ELBO {sum(terms.values()):.2f} | " +
+        self.st["val_elbo"] = elbo = sum(terms.values())            # the restarts' selection criterion
+        print(f"[{tag}] validation: -ELBO {elbo:.2f} | " +
               " ".join(f"{k} {v:.2f}" for k, v in terms.items()) + f" | {self.model.n_leaves} leaves{nmi}", flush=True)
         self.model.train_all()
 
@@ -589,9 +589,8 @@ def fit_restarts(run, argv):
     -ELBO at the end of fine-tuning. On the MNIST subset's `fast` runs this criterion ranked four seeds exactly as
     their test NMI did (README). Returns a summary for metrics.json; the chosen treevae.pt is copied to <out>."""
     threads = max(1, torch.get_num_threads() // run.restarts)
-    procs = []
-    for k in range(run.restarts):
-        out_k = os.path.join(run.out, f"restart_{k}")
+    procs, outs = [], [os.path.join(run.out, f"restart_{k}") for k in range(run.restarts)]
+    for k, out_k in enumerate(outs):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--restarts", "1", "--seed", str(run.seed + k),
                "--out", out_k, "--stage", "treevae", "--plan", "false", "--fid-samples", "0"]
         log = open(out_k + ".log", "a")
@@ -604,18 +603,16 @@ def fit_restarts(run, argv):
         codes = [p.wait() for p in procs]
         raise Stop("stopped the restarts; continue with --resume")
     results = []
-    for k, code in enumerate(codes):
-        path = os.path.join(run.out, f"restart_{k}", "treevae.pt")
+    for k, (code, out_k) in enumerate(zip(codes, outs)):
+        path = os.path.join(out_k, "treevae.pt")
         st = torch.load(path, map_location="cpu", weights_only=True)["state"] if os.path.exists(path) else {}
         if code != 0 or st.get("phase") != "done":
-            raise Stop(f"restart {k} did not finish (exit code {code}; see {path[:-len('/treevae.pt')]}.log); "
-                       f"continue with --resume")
-        m = os.path.join(run.out, f"restart_{k}", "metrics.json")     # reported, never used to choose
+            raise Stop(f"restart {k} did not finish (exit code {code}; see {out_k}.log); continue with --resume")
+        m = os.path.join(out_k, "metrics.json")                        # reported, never used to choose
         nmi = json.load(open(m))["treevae"]["nmi"] if os.path.exists(m) else None
         results.append({"restart": k, "seed": run.seed + k, "val_elbo": st["val_elbo"], "test_nmi": nmi})
     best = min(results, key=lambda r: r["val_elbo"])
-    shutil.copyfile(os.path.join(run.out, f"restart_{best['restart']}", "treevae.pt"),
-                    os.path.join(run.out, "treevae.pt"))
+    shutil.copyfile(os.path.join(outs[best["restart"]], "treevae.pt"), os.path.join(run.out, "treevae.pt"))
     print("[restarts] validation -ELBO " + ", ".join(f"{r['restart']}: {r['val_elbo']:.2f}" for r in results) +
           f"; keeping restart {best['restart']} (seed {best['seed']})", flush=True)
     return {"chosen": best["restart"], "runs": results}

@@ -384,9 +384,9 @@ class TreeVAE(nn.Module):
         decoder = (small if cfg.image_size == 28 else ResDecoder)(
             cfg.latent_channels, cfg.in_channels, cfg.decoder_channels, cfg.activation)
         if cfg.decoder_spectral_norm:      # not the authors' placement (see TreeVAEConfig), kept to compare
-            for name, m in list(decoder.net.named_children()):
+            for m in decoder.net.children():
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                    decoder.net.register_module(name, nn.utils.parametrizations.spectral_norm(m))
+                    spectral(m)                    # registers the parametrization in place
         return decoder
 
     def _set_inner(self, i):

@@ -534,8 +534,9 @@ def grown_tree(cfg, n_leaves, device):
     return model.to(device)
 
 
-def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3):
-    """Predict each phase's wall time from measured step times (RNG forked: training is unaffected)."""
+def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3, tree=True):
+    """Predict each phase's wall time from measured step times (RNG forked: training is unaffected).
+    tree=False plans stage 2 only; dcfg=None plans stage 1 only."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
         x = torch.rand(shape, device=device)
@@ -550,15 +551,18 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
                 params, decode = list(model.train_all().parameters()), None
             step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
             return timed(lambda: step(x, 0.5), device, repeat, warmup=5)[0]
-        L = tv_cfg.max_leaves
-        t2, tL, t_sub = tree_step(2), tree_step(L), tree_step(L - 1, subtree=True)
-        t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)       # linear in the leaf count
-        spe, splits = n_train // B, L - 2
-        phases = {"init": tv_cfg.epochs_init * spe * t2,
-                  "subtrees": sum(tv_cfg.epochs_subtree * (n_train / k // B) * t_sub for k in range(2, L)),
-                  "intermediate": sum(tv_cfg.epochs_intermediate * spe * t_at(2 + j * tv_cfg.splits_per_retrain)
-                                      for j in range(1, splits // tv_cfg.splits_per_retrain + 1)),
-                  "finetune": tv_cfg.epochs_finetune * spe * tL}
+        L, phases, steps = tv_cfg.max_leaves, {}, []
+        if tree:
+            t2, tL, t_sub = tree_step(2), tree_step(L), tree_step(L - 1, subtree=True)
+            t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)   # linear in the leaf count
+            spe, splits = n_train // B, L - 2
+            phases = {"init": tv_cfg.epochs_init * spe * t2,
+                      "subtrees": sum(tv_cfg.epochs_subtree * (n_train / k // B) * t_sub for k in range(2, L)),
+                      "intermediate": sum(tv_cfg.epochs_intermediate * spe * t_at(2 + j * tv_cfg.splits_per_retrain)
+                                          for j in range(1, splits // tv_cfg.splits_per_retrain + 1)),
+                      "finetune": tv_cfg.epochs_finetune * spe * tL}
+            steps += [f"2 leaves {t2 * 1e3:.1f} ms", f"{L} leaves {tL * 1e3:.1f} ms",
+                      f"subtree {t_sub * 1e3:.1f} ms at batch {B}"]
         if dcfg is not None:                       # one DDPM step, with the TreeVAE leaf reconstructions it needs
             tv = grown_tree(tv_cfg, L, device).eval()
             unet = ddpm.UNet(dataclasses.replace(dcfg, n_leaves=L)).to(device)
@@ -573,11 +577,13 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
                 with autocast():
                     ddpm.train_step(unet, ema, diffusion, opt, xd * 2 - 1, cond, leaf, dcfg, 10 ** 6)
             t_ddpm = timed(ddpm_step, device, repeat, warmup=1)[0] * dcfg.batch_size / b
-            phases["ddpm"] = dcfg.epochs * (n_train // dcfg.batch_size) * t_ddpm + n_train / b * t_rec
+            n_steps = dcfg.epochs * (n_train // dcfg.batch_size)
+            n_steps = min(n_steps, dcfg.max_steps) if dcfg.max_steps else n_steps
+            phases["ddpm"] = n_steps * t_ddpm + n_train / b * t_rec
+            steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size}")
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
-          f" | total {total / 3600:.2f} h on {device} (steps: 2 leaves {t2 * 1e3:.1f} ms, {L} leaves "
-          f"{tL * 1e3:.1f} ms, subtree {t_sub * 1e3:.1f} ms at batch {B})", flush=True)
+          f" | total {total / 3600:.2f} h on {device} (steps: {', '.join(steps)})", flush=True)
     return phases
 
 
@@ -636,8 +642,10 @@ def main(argv=None):
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
           f"device {device}")
     if run.plan and not run.resume:
-        dcfg_plan = None if run.stage == "treevae" else ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves)
-        plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs)
+        dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
+            ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
+        plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
+             tree=run.stage != "ddpm")
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     metrics_path = os.path.join(run.out, "metrics.json")
     metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}

@@ -309,6 +309,20 @@ def test_error_ddpm_from_other_treevae_weights(run, tmp_path, capsys):
     fails(sample_cli(capsys, "--run", other), "other stage-1 weights", "--stage ddpm")
 
 
+def test_ddpm_stage_plans_the_ddpm_it_will_train(run, data_dir, tmp_path):
+    """--stage ddpm on a finished stage 1: the planner times only stage 2, with the U-Net the flags ask for
+    (it used to add the TreeVAE phases and time the preset's U-Net)."""
+    out = tmp_path / "mnist"
+    out.mkdir()
+    shutil.copy(run / "treevae.pt", out / "treevae.pt")
+    proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", out, "--stage", "ddpm",
+                  "--ddpm-batch-size", 4, "--ddpm-max-steps", 2))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan:"))
+    assert "init" not in line and "finetune" not in line and "leaves" not in line, line
+    assert line.startswith("plan: ddpm") and "DDPM" in line and "at batch 4)" in line, line
+    assert (out / "ddpm.pt").is_file()
+
+
 # ----------------------------------------------------------------------------- restarts
 def test_restarts_keep_the_lowest_validation_elbo(data_dir, tmp_path):
     """--restarts 2: two stage-1 runs (seeds 0, 1) as child processes; the run folder's treevae.pt is the one with

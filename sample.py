@@ -20,7 +20,8 @@ in tv.leaves); leaf_probs (n, n_leaves); L = n_leaves. Pixel ranges are converte
     python sample.py --run runs/mnist --all-leaves     rows: root samples; columns: leaves; TreeVAE over refined
     python sample.py --run runs/mnist --recons         test images: original, TreeVAE reconstruction, refined
     python sample.py --run runs/mnist --stage treevae  stage 1 alone (no ddpm.pt needed)
-    python sample.py --run runs/mnist --sampler ddpm   the authors' 1000-step ancestral sampler
+    python sample.py --run runs/mnist --sampler ddim   DDIM, 100 steps: ~10x faster than the default ancestral
+                                                       sampler (the authors', all T steps), less robust (README)
 Each call writes a PNG grid and an .npz beside it (key 'images': uint8 (N, C, H, W); `python fid.py --gen`
 scores it). train.py calls make_figures (tree.png, samples.png/.npz, all_leaves.png) and compute_fid.
 """
@@ -59,8 +60,9 @@ class SampleConfig:
     leaf: int = _field(-1, "-1: draw each sample's leaf from P(l | z_0); K: every sample from leaf K")
     n: int = _field(0, "images (root samples = rows for --all-leaves); 0: 64, 8 for --all-leaves, "
                        "16 for --recons")
-    sampler: str = _field("ddim", "ddim (Song et al., deterministic for eta 0) or ddpm (ancestral, all T steps)")
-    steps: int = _field(100, "DDIM steps (at most the DDPM's T)")
+    sampler: str = _field("ddpm", "ddpm (the authors' ancestral sampler, all T steps) or ddim (Song et al., "
+                                  "--steps steps, deterministic for eta 0: faster, less robust on a short run)")
+    steps: int = _field(100, "DDIM steps (at most the DDPM's T); --sampler ddim only")
     eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance")
     all_leaves: bool = _field(False, "one root sample and one noise per row, refined at every leaf")
     stage: str = _field("diffusion", "diffusion (refined by the DDPM) or treevae (stage-1 images, no DDPM)")
@@ -349,18 +351,24 @@ def _stage_config(m, steps, **kw):
     return SampleConfig(stage=stage, steps=steps, **kw)
 
 
+def sampler_name(m, cfg):
+    """How the refinements were drawn, for the printed lines and metrics.json."""
+    return f"DDIM {cfg.steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim" else \
+        f"ancestral DDPM, {m.unet.cfg.T} steps"
+
+
 def _generator(device, seed):
     return torch.Generator(torch.device(device)).manual_seed(seed)
 
 
-def make_figures(run_dir, device="cpu", steps=100, metrics=None, n=64, rows=4, seed=0):
+def make_figures(run_dir, device="cpu", steps=100, metrics=None, n=64, rows=4, seed=0, sampler="ddpm"):
     """<run>/tree.png, all_leaves.png, samples.png (+ samples.npz for fid.py --run): refined images when the run
     has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']."""
     m = load_run(run_dir, device)
     if m.unet is None:                                    # a stage-1 run; or a ddpm.pt that does not fit (say why)
         stale = os.path.exists(os.path.join(run_dir, "ddpm.pt"))
         print(f"note: {m.ddpm_problem if stale else 'no ddpm.pt yet'}; the figures show TreeVAE images only")
-    cfg, g = _stage_config(m, steps), _generator(device, seed)
+    cfg, g = _stage_config(m, steps, sampler=sampler), _generator(device, seed)
     x_hat, x, _ = all_leaves(m, rows, cfg, g)                          # (rows, L, C, H, W)
     final = data.to_uint8(x_hat) if x is None else data.to_uint8(x, signed=True)
     tvm = (metrics or {}).get("treevae") or {}
@@ -376,24 +384,24 @@ def make_figures(run_dir, device="cpu", steps=100, metrics=None, n=64, rows=4, s
     save_grid(os.path.join(run_dir, "samples.png"), images, math.ceil(math.sqrt(n)))
     save_npz(os.path.join(run_dir, "samples.npz"), images=images, leaf=leaf, treevae=data.to_uint8(x_hat))
     print(f"wrote {run_dir}/tree.png, all_leaves.png ({rows} root samples x {m.tv.n_leaves} leaves) and "
-          f"samples.png/.npz ({n} {what} samples" + (f", DDIM {cfg.steps} steps)" if x is not None else ")"))
+          f"samples.png/.npz ({n} {what} samples" + (f", {sampler_name(m, cfg)})" if x is not None else ")"))
 
 
 def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=100, cache_dir="cache", how="argmax",
-                n_boot=200, batch=None):
+                n_boot=200, batch=None, sampler="ddpm"):
     """FID (fid.py's offline extractor, trained on the data set's training labels) of n generations against the
-    test split, for the TreeVAE images of the `how` leaf (SPEC 6: argmax) and for their DDIM refinements (the
+    test split, for the TreeVAE images of the `how` leaf (SPEC 6: argmax) and for their refinements (the
     same z_0 and leaves, so the pair isolates what stage 2 adds). Returns {'fid': {...}} for metrics.json."""
     import fid                                                   # only needed here
     device = torch.device(device)
     m = load_run(run_dir, device)
-    cfg, g = _stage_config(m, steps), _generator(device, 0)
+    cfg, g = _stage_config(m, steps, sampler=sampler), _generator(device, 0)
     batch = batch or (500 if device.type == "cuda" else 64)
     x_hat, x, leaf = sample(m, n, how, cfg, g, batch=batch)
     extractor = fid.offline_extractor(m.dataset, root=data_dir, cache_dir=cache_dir, device=device)
     test_images, _ = data.load(m.dataset, "test", data_dir)
     out, feats_ref = {"extractor": extractor.name, "reference": "test", "n": n, "leaf": how, "diffusion": None,
-                      "sampler": f"ddim {cfg.steps} steps, eta 0"}, None
+                      "sampler": sampler_name(m, cfg) if m.unet is not None else None}, None
     stages = [("treevae", data.to_uint8(x_hat))] + ([] if x is None else [("diffusion", data.to_uint8(x, signed=True))])
     for name, images in stages:
         res = fid.fid_from_images(extractor, images, test_images, feats_ref=feats_ref, n_boot=n_boot,
@@ -432,7 +440,7 @@ def run(cfg):
     g, how = _generator(device, cfg.seed), cfg.leaf if cfg.leaf >= 0 else "sample"
     mode = "all_leaves" if cfg.all_leaves else "recons" if cfg.recons else f"leaf{cfg.leaf}" if cfg.leaf >= 0 \
         else "sampled"
-    suffix = "_treevae" if cfg.stage == "treevae" else "_ddpm" if cfg.sampler == "ddpm" else ""
+    suffix = "_treevae" if cfg.stage == "treevae" else "_ddim" if cfg.sampler == "ddim" else ""
     out = cfg.out or os.path.join(cfg.run, f"samples_{mode}{suffix}.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     npz = os.path.splitext(out)[0] + ".npz"
@@ -466,8 +474,7 @@ def run(cfg):
         save_grid(out, final, math.ceil(math.sqrt(n)))
         save_npz(npz, images=final, leaf=leaf, treevae=data.to_uint8(x_hat) if refined else None)
         what = f"{n} samples, " + (f"leaf {cfg.leaf}" if cfg.leaf >= 0 else "leaves drawn from P(l | z_0)")
-    how_made = (f"DDIM {cfg.steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim" else
-                f"ancestral DDPM, {m.unet.cfg.T} steps") if refined else "TreeVAE only"
+    how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
     print(f"wrote {out} ({what}; {how_made}) and {npz} (key 'images': uint8 (N, C, H, W))")
     return out
 

@@ -58,7 +58,8 @@ class RunConfig:
     plan: bool = True                  # print the predicted wall time of every phase before training
     max_steps: int = 0                 # stop (saving a checkpoint) after this many steps in this call; 0 = no limit
     fid_samples: int = 0               # >0: FID of that many generations (offline extractor) at the end
-    sample_steps: int = 100            # DDIM steps for the figures and FID
+    sampler: str = "ddpm"              # figures and FID: ddpm (the authors' ancestral sampler, all T steps) | ddim
+    sample_steps: int = 100            # DDIM steps for the figures and FID (--sampler ddim)
 
 
 class Stop(Exception):
@@ -110,6 +111,8 @@ def parse_args(argv=None):
     run.out = run.out or os.path.join("runs", run.dataset)
     if run.stage not in ("treevae", "ddpm", "all") or run.preset not in ("paper", "fast", "smoke"):
         raise data.DataError(f"--stage must be treevae|ddpm|all and --preset paper|fast|smoke")
+    if run.sampler not in ("ddpm", "ddim"):
+        raise data.DataError(f"--sampler must be ddpm or ddim (got {run.sampler!r})")
     tv_cfg = dataclasses.replace(treevae.treevae_config(run.dataset, run.preset),
                                  **overrides(args, treevae.TreeVAEConfig, "treevae-"))
     return run, tv_cfg, overrides(args, ddpm.DDPMConfig, "ddpm-")
@@ -684,10 +687,10 @@ def main(argv=None):
         print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
         train_ddpm(run, dcfg, tv, device, autocast, images[train_idx])
     import sample                                                  # figures: tree.png and sample grids
-    sample.make_figures(run.out, device=device, steps=run.sample_steps, metrics=metrics)
+    sample.make_figures(run.out, device=device, steps=run.sample_steps, metrics=metrics, sampler=run.sampler)
     if run.fid_samples:
         metrics.update(sample.compute_fid(run.out, run.fid_samples, device=device, data_dir=run.data_dir,
-                                          steps=run.sample_steps))
+                                          steps=run.sample_steps, sampler=run.sampler))
     json.dump(metrics, open(metrics_path, "w"), indent=1)
     print(f"wrote {metrics_path}")
 

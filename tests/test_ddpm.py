@@ -42,14 +42,14 @@ class Oracle(torch.nn.Module):
     """The exact noise predictor for data that is one known image per leaf:
     eps(x_t) = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar), plus an optional smooth error `wobble`."""
 
-    def __init__(self, diffusion, images, wobble=0.0):
+    def __init__(self, diffusion, images, wobble=0.0, gain=1.0):
         super().__init__()
-        self.d, self.images, self.wobble = diffusion, images, wobble
+        self.d, self.images, self.wobble, self.gain = diffusion, images, wobble, gain
 
     def forward(self, x_t, t, cond, leaf):
         ab = self.d.alpha_bar[t].float().view(-1, 1, 1, 1)
         eps = (x_t - ab.sqrt() * self.images[leaf]) / (1 - ab).sqrt()
-        return eps + self.wobble * torch.sin(3 * x_t + t.view(-1, 1, 1, 1) / 7)
+        return self.gain * eps + self.wobble * torch.sin(3 * x_t + t.view(-1, 1, 1, 1) / 7)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -168,11 +168,34 @@ def test_samplers_recover_x0_with_the_true_noise():
 
     leaf = torch.tensor([0, 1, 1])
     oracle = Oracle(d, images)
-    for x in (d.sample_ddpm(oracle, (3, 1, 8, 8), None, leaf),
-              d.sample_ddpm(oracle, (3, 1, 8, 8), None, leaf, var_type="fixed_small"),
-              d.sample_ddim(oracle, (3, 1, 8, 8), None, leaf, steps=7),
-              d.sample_ddim(oracle, (3, 1, 8, 8), None, leaf, steps=20, eta=1.0)):
-        assert torch.allclose(x, images[leaf], atol=1e-4)
+    for clip in (True, False):                                    # posterior-mean form and Eq. 11
+        for x in (d.sample_ddpm(oracle, (3, 1, 8, 8), None, leaf, clip=clip),
+                  d.sample_ddpm(oracle, (3, 1, 8, 8), None, leaf, var_type="fixed_small", clip=clip),
+                  d.sample_ddim(oracle, (3, 1, 8, 8), None, leaf, steps=7, clip=clip),
+                  d.sample_ddim(oracle, (3, 1, 8, 8), None, leaf, steps=20, eta=1.0, clip=clip)):
+            assert torch.allclose(x, images[leaf], atol=1e-4)
+
+
+def test_clipping_is_the_eq11_mean_while_x0_is_in_range():
+    """clip=True writes the ancestral mean as mu~(clip(x0_pred), x_t): with the same x_T and per-step noise it
+    matches Eq. 11 while every x0_pred lies in [-1, 1] (an oracle, targets inside the range). A network that
+    predicts no noise at all (the zero-output U-Net at initialisation) shows the difference: Eq. 11 divides x_t
+    by sqrt(alpha_t) at every step and ends saturated (99 % of the pixels at +-1, measured); clipped, 17 %."""
+    cfg = tiny_cfg(T=100, n_leaves=2)
+    d = ddpm.Diffusion(cfg)
+    images = torch.rand(2, 1, 8, 8) * 1.6 - 0.8
+    leaf, noise = torch.tensor([0, 1, 1, 0]), torch.randn(4, 1, 8, 8)
+    gen = lambda: torch.Generator().manual_seed(3)
+    oracle = Oracle(d, images)
+    a = d.sample_ddpm(oracle, noise.shape, None, leaf, noise=noise, generator=gen(), clip=True)
+    b = d.sample_ddpm(oracle, noise.shape, None, leaf, noise=noise, generator=gen(), clip=False)
+    assert (a - b).abs().max() < 1e-5
+    d_long = ddpm.Diffusion(tiny_cfg(T=1000, n_leaves=2))
+    zero = Oracle(d_long, images, gain=0.0)
+    saturated = lambda x: (x.abs() > 0.999).float().mean().item()
+    loose = d_long.sample_ddpm(zero, noise.shape, None, leaf, noise=noise, generator=gen(), clip=False)
+    tight = d_long.sample_ddpm(zero, noise.shape, None, leaf, noise=noise, generator=gen(), clip=True)
+    assert saturated(tight) < 0.5 < 0.9 < saturated(loose), (saturated(tight), saturated(loose))
 
 
 def test_sampler_checks_cond_range_and_reports_progress():
@@ -196,10 +219,20 @@ def test_ema_update_arithmetic():
         for p in model.parameters():
             p.add_(1.0)
         model[1].running_mean.fill_(0.7)
-    ema.update(model)
+    ema.update(model, step=10 ** 6)                            # late in training: w = 1 - decay
     for p_ema, p_old in zip(ema.model.parameters(), old):     # 0.9 old + 0.1 (old + 1) = old + 0.1
         assert torch.allclose(p_ema, p_old + 0.1) and not p_ema.requires_grad
     assert torch.equal(ema.model[1].running_mean, torch.full((2,), 0.7)) and not ema.model.training
+    # Bias correction: the first update copies the weights (the random initial network gets no share) and the
+    # second averages the two iterates 1 : decay, i.e. w_2 = (1 - decay) / (1 - decay^2) = 1 / (1 + decay).
+    assert ema.weight(0) == 1.0 and ema.weight(1) == pytest.approx(1 / 1.9)
+    ema2 = ddpm.EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema2.update(model, step=0)
+    for p_ema, p in zip(ema2.model.parameters(), model.parameters()):
+        assert torch.equal(p_ema, p)
 
 
 def test_lr_warmup_and_train_step():

@@ -284,23 +284,27 @@ def test_treevae_loss_terms_bf16_autocast_match_fp32():
 # 5. EMA: foreach lerp vs the textbook average
 
 def test_ema_foreach_lerp_matches_textbook_loop():
-    """ddpm.EMA.update (one torch._foreach_lerp_) after 3 updates with random, different-per-element weight
-    changes equals the textbook ema = decay * ema + (1 - decay) * w, run per parameter in float64 (the existing
-    test_ema_update_arithmetic checks one update with a uniform +1 shift). On the smoke U-Net, whose weights are
-    channels_last. atol 1e-6: a few float32 roundings of values ~1 (eps 1.2e-7); swapping decay and 1 - decay,
-    or skipping an update, is off by ~0.1."""
+    """ddpm.EMA.update (one torch._foreach_lerp_ with the bias-corrected weight) after 3 updates with random,
+    different-per-element weight changes equals the textbook bias-corrected average of the iterates,
+    sum_k decay^(n-k) (1 - decay) theta_k / (1 - decay^n), computed per parameter in float64 (the existing
+    test_ema_update_arithmetic checks single updates). On the smoke U-Net, whose weights are channels_last.
+    atol 1e-6: a few float32 roundings of values ~1 (eps 1.2e-7); swapping decay and 1 - decay, skipping an
+    update or leaving the initial weights in the average is off by ~0.1."""
     cfg = ddpm.ddpm_config("mnist", "smoke", n_leaves=3)
     torch.manual_seed(0)
     model = ddpm.UNet(cfg)
     ema, decay = ddpm.EMA(model, cfg.ema_decay), cfg.ema_decay
-    ref = [p.detach().double().clone() for p in model.parameters()]
+    iterates = []
     g = torch.Generator().manual_seed(1)
-    for _ in range(3):
+    for step in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
-        ema.update(model)
-        ref = [decay * r + (1 - decay) * p.detach().double() for r, p in zip(ref, model.parameters())]
+        ema.update(model, step)
+        iterates.append([p.detach().double().clone() for p in model.parameters()])
+    n = len(iterates)
+    ref = [sum(decay ** (n - k) * (1 - decay) * it[j] for k, it in enumerate(iterates, 1)) / (1 - decay ** n)
+           for j in range(len(iterates[0]))]
     for (name, p), r in zip(ema.model.named_parameters(), ref):
         torch.testing.assert_close(p.double(), r, rtol=0, atol=1e-6, msg=name)
     diff = max((p.double() - q.detach().double()).abs().max().item()

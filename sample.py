@@ -68,7 +68,7 @@ class SampleConfig:
     stage: str = _field("diffusion", "diffusion (refined by the DDPM) or treevae (stage-1 images, no DDPM)")
     recons: bool = _field(False, "refine the argmax-leaf reconstructions of real test images")
     seed: int = _field(0, "seed of z_0, the leaves, the noise and the test images picked")
-    out: str = _field("", "PNG path; default <run>/samples_<mode>[_treevae|_ddpm].png; the .npz goes beside it")
+    out: str = _field("", "PNG path; default <run>/samples_<mode>[_treevae|_ddim].png; the .npz goes beside it")
     device: str = _field("auto", "auto | cuda | mps | cpu")
     data_dir: str = _field("", "test images for --recons; default: the data_dir the run was trained with")
 

@@ -537,9 +537,11 @@ def grown_tree(cfg, n_leaves, device):
     return model.to(device)
 
 
-def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3, tree=True):
+def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3, tree=True,
+         sample_steps=None, n_sampled=None):
     """Predict each phase's wall time from measured step times (RNG forked: training is unaffected).
-    tree=False plans stage 2 only; dcfg=None plans stage 1 only."""
+    tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (and FID) sample n_sampled
+    images (default: make_figures' 64 + 4 per leaf) with sample_steps U-Net calls each (default T, ancestral)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
         x = torch.rand(shape, device=device)
@@ -583,7 +585,18 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
             n_steps = dcfg.epochs * (n_train // dcfg.batch_size)
             n_steps = min(n_steps, dcfg.max_steps) if dcfg.max_steps else n_steps
             phases["ddpm"] = n_steps * t_ddpm + n_train / b * t_rec
-            steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size}")
+            cond, leaf = leaf_condition(x_hat_d, probs_d.float())
+            t_idx = torch.full((b,), dcfg.T // 2, dtype=torch.long, device=device)
+
+            @torch.no_grad()
+            def reverse_step():
+                with autocast():
+                    ema.model(xd * 2 - 1, t_idx, cond, leaf)
+            t_rev = timed(reverse_step, device, repeat, warmup=1)[0]
+            n_sampled = 64 + 4 * L if n_sampled is None else n_sampled
+            phases["figures"] = n_sampled / b * (sample_steps or dcfg.T) * t_rev
+            steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size}, "
+                         f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}")
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
           f" | total {total / 3600:.2f} h on {device} (steps: {', '.join(steps)})", flush=True)
@@ -648,7 +661,9 @@ def main(argv=None):
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
         plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
-             tree=run.stage != "ddpm")
+             tree=run.stage != "ddpm", n_sampled=None if dcfg_plan is None else
+             64 + 4 * tv_cfg.max_leaves + run.fid_samples,
+             sample_steps=None if run.sampler == "ddpm" else run.sample_steps)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     metrics_path = os.path.join(run.out, "metrics.json")
     metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}

@@ -6,8 +6,8 @@
 #   mkdir -p data && cp -r ../shared/data/fashion-mnist ../shared/data/mnist-subset data/
 # Usage, from the repository root:       bash .ci/gpu_check.sh OUT_DIR cuda [all|bench|mnist|fmnist]
 # Dry run on a CPU (tiny sizes, minutes): OMP_NUM_THREADS=2 bash .ci/gpu_check.sh /tmp/out cpu
-# On an H100 (2026-11-26): bench ~3.5 min, mnist ~5 min (+~1.5 min since figures and FID use the
-# 1,000-step ancestral sampler), fmnist ~4 min; a device call may run 10 min, so call the parts one by one. A call returns at most 8 files: figures come back packed
+# On an H100 (2026-11-26): bench ~3.5 min, mnist ~5 min (+~1.5 min estimated, not
+# measured: figures and FID now use the 1,000-step ancestral sampler), fmnist ~4 min; a device call may run 10 min, so call the parts one by one. A call returns at most 8 files: figures come back packed
 # in figs_<part>.tgz.
 OUT=${1:-/tmp/out}; DEV=${2:-cuda}; PART=${3:-all}
 export PYTHONUNBUFFERED=1

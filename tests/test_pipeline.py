@@ -320,7 +320,7 @@ def test_ddpm_stage_plans_the_ddpm_it_will_train(run, data_dir, tmp_path):
                   "--ddpm-batch-size", 4, "--ddpm-max-steps", 2))
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan:"))
     assert "init" not in line and "finetune" not in line and "leaves" not in line, line
-    assert line.startswith("plan: ddpm") and "DDPM" in line and "at batch 4)" in line, line
+    assert line.startswith("plan: ddpm") and "| figures " in line and "DDPM" in line and "at batch 4," in line, line
     assert (out / "ddpm.pt").is_file()
 
 

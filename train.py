@@ -640,6 +640,18 @@ def fit_restarts(run, argv):
     return {"chosen": best["restart"], "runs": results}
 
 
+def finished_stage1(run, tv_path):
+    """The stage-1 checkpoint that stage 2 and the figures need, or a one-line error saying how to make it."""
+    if not os.path.exists(tv_path):
+        raise data.DataError(f"no {tv_path}: train stage 1 first (python train.py --dataset {run.dataset} "
+                             f"--stage treevae)")
+    tv_ckpt = torch.load(tv_path, map_location="cpu", weights_only=True)
+    if tv_ckpt["state"]["phase"] != "done":
+        raise data.DataError(f"{tv_path} is an unfinished stage 1: run python train.py --dataset {run.dataset} "
+                             f"--stage treevae --resume")
+    return tv_ckpt
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     run, tv_cfg, ddpm_overrides = parse_args(argv)
@@ -657,6 +669,8 @@ def main(argv=None):
     print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
           f"device {device}")
+    if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
+        finished_stage1(run, tv_path)
     if run.plan and not run.resume:
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
@@ -686,14 +700,8 @@ def main(argv=None):
         print(f"[test] NMI {m['nmi']:.3f} | accuracy {m['acc']:.3f} | leaf purity {m['leaf_purity']:.3f} | "
               f"dendrogram purity {m['dendrogram_purity']:.3f} | {m['n_leaves']} leaves, sizes {m['leaf_sizes']}")
         json.dump(metrics, open(metrics_path, "w"), indent=1)
-    if not os.path.exists(tv_path):
-        raise data.DataError(f"no {tv_path}: train stage 1 first (python train.py --dataset {run.dataset} "
-                             f"--stage treevae)")
-    tv_ckpt = torch.load(tv_path, map_location="cpu", weights_only=True)
+    tv_ckpt = finished_stage1(run, tv_path)
     tv = treevae.TreeVAE.from_checkpoint(tv_ckpt).to(device)
-    if tv_ckpt["state"]["phase"] != "done":
-        raise data.DataError(f"{tv_path} is an unfinished stage 1: run python train.py --dataset {run.dataset} "
-                             f"--stage treevae --resume")
     if run.stage in ("ddpm", "all"):
         dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
         ddpm_path = os.path.join(run.out, "ddpm.pt")

@@ -324,6 +324,12 @@ def test_ddpm_stage_plans_the_ddpm_it_will_train(run, data_dir, tmp_path):
     assert (out / "ddpm.pt").is_file()
 
 
+def test_ddpm_stage_without_stage1_says_so_before_planning(data_dir, tmp_path):
+    proc = cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", tmp_path / "empty", "--stage", "ddpm")
+    fails(proc, "train stage 1 first", "--stage treevae")
+    assert "plan:" not in proc.stdout
+
+
 # ----------------------------------------------------------------------------- restarts
 def test_restarts_keep_the_lowest_validation_elbo(data_dir, tmp_path):
     """--restarts 2: two stage-1 runs (seeds 0, 1) as child processes; the run folder's treevae.pt is the one with

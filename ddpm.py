@@ -234,7 +234,7 @@ class Diffusion:
             a_t = self.alpha_bar[i]                                          # 0-d tensors, float64
             a_prev = self.alpha_bar[i_prev] if i_prev >= 0 else torch.ones_like(a_t)
             eps = model(x, t, cond, leaf).float()
-            x0_pred = (x - (1 - a_t).sqrt().float() * eps) / a_t.sqrt().float()   # Eq. 12 "predicted x_0"
+            x0_pred = self.predict_x0(x, t, eps)                             # Eq. 12 "predicted x_0"
             if clip:                                          # keep x_0 in the data range, eps consistent with it
                 x0_pred = x0_pred.clamp(-1, 1)
                 eps = (x - a_t.sqrt().float() * x0_pred) / (1 - a_t).sqrt().float()

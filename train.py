@@ -538,10 +538,10 @@ def grown_tree(cfg, n_leaves, device):
 
 
 def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3, tree=True,
-         sample_steps=None, n_sampled=None):
+         sample_steps=None, fid_samples=0):
     """Predict each phase's wall time from measured step times (RNG forked: training is unaffected).
-    tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (and FID) sample n_sampled
-    images (default: make_figures' 64 + 4 per leaf) with sample_steps U-Net calls each (default T, ancestral)."""
+    tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (make_figures: 64 samples
+    and 4 per leaf) and FID sample with sample_steps U-Net calls per image (default T: the ancestral sampler)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
         x = torch.rand(shape, device=device)
@@ -593,8 +593,7 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
                 with autocast():
                     ema.model(xd * 2 - 1, t_idx, cond, leaf)
             t_rev = timed(reverse_step, device, repeat, warmup=1)[0]
-            n_sampled = 64 + 4 * L if n_sampled is None else n_sampled
-            phases["figures"] = n_sampled / b * (sample_steps or dcfg.T) * t_rev
+            phases["figures"] = (64 + 4 * L + fid_samples) / b * (sample_steps or dcfg.T) * t_rev
             steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size}, "
                          f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}")
     total = sum(phases.values())
@@ -675,8 +674,7 @@ def main(argv=None):
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
         plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
-             tree=run.stage != "ddpm", n_sampled=None if dcfg_plan is None else
-             64 + 4 * tv_cfg.max_leaves + run.fid_samples,
+             tree=run.stage != "ddpm", fid_samples=run.fid_samples,
              sample_steps=None if run.sampler == "ddpm" else run.sample_steps)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     metrics_path = os.path.join(run.out, "metrics.json")

@@ -571,17 +571,21 @@ def test_learns_two_obvious_clusters():
 
 
 def test_map_conv_equals_conv2d():
-    """MapConv (the 3x3 conv on small maps as one matrix product) computes exactly F.conv2d, gradients too."""
+    """MapConv (the 3x3 conv on small maps as one matrix product) computes exactly F.conv2d, gradients too, from
+    NCHW and NHWC inputs alike, and writes NHWC maps (what makes the batch norms after it fast)."""
     from treevae import MapConv
     torch.manual_seed(0)
     for R, bias in ((2, True), (4, False), (3, True)):
         conv = MapConv(5, 7, bias=bias)
-        x = torch.randn(4, 5, R, R, requires_grad=True)
-        y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
-        assert torch.allclose(y, y_ref, atol=1e-5), R
-        g, = torch.autograd.grad(y.square().sum(), conv.weight)
-        g_ref, = torch.autograd.grad(y_ref.square().sum(), conv.weight)
-        assert torch.allclose(g, g_ref, atol=1e-4), R
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(4, 5, R, R).contiguous(memory_format=layout).requires_grad_(True)
+            y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
+            assert torch.allclose(y, y_ref, atol=1e-5), (R, layout)
+            assert y.is_contiguous(memory_format=torch.channels_last), (R, layout)
+            gw, gx = torch.autograd.grad(y.square().sum(), (conv.weight, x))
+            gw_ref, gx_ref = torch.autograd.grad(y_ref.square().sum(), (conv.weight, x))
+            assert torch.allclose(gw, gw_ref, atol=1e-4), (R, layout)
+            assert torch.allclose(gx, gx_ref, atol=1e-4), (R, layout)
 
 
 def test_generate_and_reconstruct_run_decoders_in_eval_mode():

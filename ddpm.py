@@ -309,6 +309,36 @@ class Attention(nn.Module):
         return x + self.proj(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
 
+class UpConv(nn.Sequential):
+    """Nearest-neighbour x2 upsampling, then a 3x3 conv (Ho et al.): Sequential(Upsample, Conv2d), so parameters
+    and state-dict keys are those of the plain pair. On a CPU it is computed without the upsampled image [ours]:
+    the upsampled rows 2i-1, 2i, 2i+1 are input rows i-1, i, i, so output row 2i (phase a = 0) reads input rows
+    {i-1, i} with kernel rows {k0, k1 + k2}, and row 2i+1 (a = 1) reads {i, i+1} with {k0 + k1, k2}; columns
+    likewise. Each of the 4 output phases (a, b) is then a 2x2 conv of the input: 16 instead of 36 multiply-adds
+    per input pixel and channel pair, 2.25x fewer FLOPs in the up-convs (~14 % of the U-Net's, measured with
+    bench.py's FLOP counter). Same linear map, equal to float32 rounding (tests). On a GPU and under torch.compile
+    the plain pair runs: there the four convs and the interleave would add kernels, and it is not measured."""
+
+    def __init__(self, c):
+        super().__init__(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+
+    @staticmethod
+    def fold(w, a, dim):
+        """The 3 taps of w along `dim` summed into the 2 that phase a reads."""
+        k0, k1, k2 = w.unbind(dim)
+        return torch.stack([k0, k1 + k2] if a == 0 else [k0 + k1, k2], dim)
+
+    def forward(self, x):                                              # x (B, C, H, W) -> (B, C, 2H, 2W)
+        if x.is_cuda or torch.compiler.is_compiling():
+            return super().forward(x)
+        conv, (B, C, H, W) = self[1], x.shape
+        pad = ((1, 0), (0, 1))         # phase 0 reads rows (i-1, i): a zero row above; phase 1 (i, i+1): below
+        y = [[F.conv2d(F.pad(x, pad[b] + pad[a]), self.fold(self.fold(conv.weight, a, 2), b, 3), conv.bias)
+              .permute(0, 2, 3, 1) for b in (0, 1)] for a in (0, 1)]     # y[a][b] (B, H, W, C): pixels (2i+a, 2j+b)
+        y = torch.stack([torch.stack(row, 3) for row in y], 2)           # (B, H, 2, W, 2, C)
+        return y.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)            # NCHW shape, NHWC memory
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t, x_hat, l): the DDPM U-Net (Ho et al. appendix B) with DiffuseVAE conditioning."""
 
@@ -341,8 +371,7 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), ch * m, emb_dim, cfg.dropout))
                 c = ch * m
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                             nn.Conv2d(c, c, 3, padding=1)))             # double H, W
+                self.up.append(UpConv(c))                                      # double H, W
         self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, C, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)          # zero output: eps_theta = 0 at start, a calm first loss
         nn.init.zeros_(self.conv_out.bias)

@@ -126,6 +126,26 @@ def test_unet_shapes(C, size, conditioned):
             model(x, torch.tensor([0, 49]), None, leaf)
 
 
+def test_upconv_is_upsample_then_conv():
+    """UpConv's CPU path (four 2x2 phase convs, no upsampled image) equals nn.Upsample + the 3x3 conv it wraps,
+    output and all gradients, on NCHW and NHWC inputs of odd and even sizes. Tolerance: the phase kernels add taps
+    before multiplying, so float32 rounding differs (measured ~1e-6 relative); a wrong tap or offset is off by O(1)."""
+    torch.manual_seed(0)
+    up = ddpm.UpConv(6)                                               # default (random) init
+    for H, W in ((4, 4), (3, 5)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 6, H, W).contiguous(memory_format=layout).requires_grad_(True)
+            y, y_ref = up(x), torch.nn.Sequential.forward(up, x)           # the plain pair on the same weights
+            assert y.shape == (2, 6, 2 * H, 2 * W)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(y_ref)
+            grads = torch.autograd.grad(y, (x, up[1].weight, up[1].bias), g)
+            grads_ref = torch.autograd.grad(y_ref, (x, up[1].weight, up[1].bias), g)
+            for a, b in zip(grads, grads_ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert list(up.state_dict()) == ["1.weight", "1.bias"]              # the plain pair's checkpoint keys
+
+
 def test_zero_initialised_output():
     cfg = ddpm.ddpm_config("mnist", "smoke", n_leaves=3)
     x = torch.randn(2, 1, 28, 28)

@@ -23,11 +23,11 @@ from train import TrainStep, grown_tree, plan, setup_device, timed
 
 
 def report(name, device, batch, t, args, dtype="fp32", unit="img/s", work=None, **extra):
-    """One JSON line: rate from the median step time (`work` units per step, default = batch)."""
+    """One JSON line: rate (4 significant digits) from the median step time (`work` units per step, default batch)."""
     med, lo, hi = t
     work = batch if work is None else work
     line = {"figure": name, "device": str(device), "dtype": dtype, "batch": batch, "compile": args.compile,
-            "rate": round(work / med, 1), "unit": unit, "median_ms": round(med * 1e3, 3),
+            "rate": float(f"{work / med:.4g}"), "unit": unit, "median_ms": round(med * 1e3, 3),
             "min_ms": round(lo * 1e3, 3), "max_ms": round(hi * 1e3, 3), **extra}
     if device.type == "cpu":
         line["threads"] = torch.get_num_threads()
@@ -90,8 +90,8 @@ def bench_ddpm(args, device, autocast):
     first = time.perf_counter() - t0
     t = timed(train, device, args.repeat)
     extra = {"params": sum(p.numel() for p in unet.parameters()), "first_step_s": round(first, 2)}
-    if device.type == "cuda":    # achieved rate: a training step is ~3 forward passes of FLOPs
-        extra["tflops"] = round(3 * unet_flops(unet, b, cfg, device) / t[0] / 1e12, 1)
+    # achieved rate: a training step is ~3 forward passes of the FLOPs that run (compare matmul_peak below)
+    extra["tflops"] = round(3 * unet_flops(unet, b, cfg, device) / t[0] / 1e12, 3 if device.type == "cpu" else 1)
     out = [report("ddpm_train_step_with_ema", device, b, t, args, args.dtype, **extra)]
     ema.model.eval()
     t_idx = torch.full((b,), 500, dtype=torch.long, device=device)
@@ -111,6 +111,19 @@ def bench_ddpm(args, device, autocast):
     out.append(report(f"ddim_{steps}_steps_{n}_images", device, n, timed(ddim, device, 1, warmup=1), args,
                       args.dtype, unit="img/s"))
     return out
+
+
+def bench_peak(args, device, autocast):
+    """The machine's matrix-multiply rate (TFLOP/s) in the benchmark's dtype: the roofline the U-Net step's
+    `tflops` is measured against (its convolutions run as matrix products)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def matmul():
+        with autocast():
+            a @ b
+    t = timed(matmul, device, args.repeat)
+    return report("matmul_peak", device, n, t, args, args.dtype, unit="TFLOP/s", work=2 * n ** 3 / 1e12)
 
 
 def bench_features(args, device):
@@ -161,7 +174,7 @@ def main():
     p.add_argument("--ddim-steps", type=int, default=None, help="default 5 on CPU, 100 on CUDA")
     p.add_argument("--feature-batch", type=int, default=None, help="default 8 on CPU, 500 on CUDA")
     p.add_argument("--data-dir", default="", help="folder with Fashion-MNIST (e.g. ../shared/data) to time load()")
-    p.add_argument("--only", default="treevae,ddpm,features,data")
+    p.add_argument("--only", default="treevae,ddpm,peak,features,data")
     p.add_argument("--plan", action="store_true", help="predict the paper schedule's wall time (train.py's planner)")
     p.add_argument("--dataset", default="mnist")
     args = p.parse_args()
@@ -183,6 +196,8 @@ def main():
         bench_treevae(args, device, autocast)
     if "ddpm" in only:
         bench_ddpm(args, device, autocast)
+    if "peak" in only:
+        bench_peak(args, device, autocast)
     if "features" in only:
         bench_features(args, device)
     if "data" in only:

@@ -281,9 +281,11 @@ class AuthorsEncoder(nn.Module):
                                  conv_bn(c[2], c[3], act, 7, 5, 1, sn=sn))
 
     def forward(self, x):
-        # NHWC ("channels last") is the layout oneDNN convolves in: the 12 x 12 convs run ~20 % faster on a CPU.
-        # Same math; the tiny 2 x 2 output goes back to the default layout for the tree's matrix products.
-        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()  # (B, C, 2, 2)
+        # Memory layout per layer, as measured on a CPU (oneDNN, 2 threads, batch 256; same math either way): the
+        # 1-channel first conv runs fastest on NCHW input, the 11 -> 21-channel 12 x 12 conv ~20 % faster on NHWC
+        # ("channels last"); the 2 x 2 output stays NHWC, the layout MapConv reads without a copy.
+        h = self.net[0](x)                                                       # (B, 11, 19, 19)
+        return self.net[2](self.net[1](h.contiguous(memory_format=torch.channels_last)))  # (B, C, 2, 2)
 
 
 class AuthorsDecoder(nn.Module):

@@ -5,7 +5,8 @@
     python bench.py --plan --dataset mnist    # predicted wall time of the paper schedule on this machine
 
 Every figure is the median (with min and max) over repeated steps after warm-up, on random inputs of the real
-shapes (MNIST 1 x 28 x 28, batch 256 unless noted). Rates are images per second; sampling is img*steps/s.
+shapes (MNIST 1 x 28 x 28, batch 256 unless noted). Rates are images per second (sampling img*steps/s,
+matmul_peak TFLOP/s), to 4 significant digits.
 The authors' code on the same machine kinds (issue 7): 2-core CPU 1,134 / 300 / 437 img/s for the 2-leaf,
 10-leaf and subtree steps, 17.3 img/s for the U-Net step at batch 32; one H200 7,776 / 2,171 / 3,713 and 4,427.
 """
@@ -90,7 +91,8 @@ def bench_ddpm(args, device, autocast):
     first = time.perf_counter() - t0
     t = timed(train, device, args.repeat)
     extra = {"params": sum(p.numel() for p in unet.parameters()), "first_step_s": round(first, 2)}
-    # achieved rate: a training step is ~3 forward passes of the FLOPs that run (compare matmul_peak below)
+    # achieved rate: a training step is ~3 forward passes of the FLOPs that run eagerly (compare matmul_peak;
+    # on a CPU with --compile the compiled step runs the plain up-convs, ~8 % more FLOPs than counted here)
     extra["tflops"] = round(3 * unet_flops(unet, b, cfg, device) / t[0] / 1e12, 3 if device.type == "cpu" else 1)
     out = [report("ddpm_train_step_with_ema", device, b, t, args, args.dtype, **extra)]
     ema.model.eval()
@@ -113,17 +115,16 @@ def bench_ddpm(args, device, autocast):
     return out
 
 
-def bench_peak(args, device, autocast):
-    """The machine's matrix-multiply rate (TFLOP/s) in the benchmark's dtype: the roofline the U-Net step's
-    `tflops` is measured against (its convolutions run as matrix products)."""
+def bench_peak(args, device):
+    """The machine's matrix-multiply rate (TFLOP/s) in the benchmark's dtype (operands made in it, no casts): the
+    roofline the U-Net step's `tflops` is read against (its convolutions run as matrix products). On CUDA in fp32
+    the figure is TF32 where torch allows it (reported)."""
     n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-
-    def matmul():
-        with autocast():
-            a @ b
-    t = timed(matmul, device, args.repeat)
-    return report("matmul_peak", device, n, t, args, args.dtype, unit="TFLOP/s", work=2 * n ** 3 / 1e12)
+    dtype = torch.bfloat16 if args.dtype.startswith("bf16") else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = timed(lambda: a @ b, device, args.repeat)
+    extra = {"tf32": torch.backends.cuda.matmul.allow_tf32} if device.type == "cuda" and dtype == torch.float32 else {}
+    return report("matmul_peak", device, n, t, args, args.dtype, unit="TFLOP/s", work=2 * n ** 3 / 1e12, **extra)
 
 
 def bench_features(args, device):
@@ -197,7 +198,7 @@ def main():
     if "ddpm" in only:
         bench_ddpm(args, device, autocast)
     if "peak" in only:
-        bench_peak(args, device, autocast)
+        bench_peak(args, device)
     if "features" in only:
         bench_features(args, device)
     if "data" in only:

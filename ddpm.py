@@ -316,8 +316,8 @@ class UpConv(nn.Sequential):
     {i-1, i} with kernel rows {k0, k1 + k2}, and row 2i+1 (a = 1) reads {i, i+1} with {k0 + k1, k2}; columns
     likewise. Each of the 4 output phases (a, b) is then a 2x2 conv of the input: 16 instead of 36 multiply-adds
     per input pixel and channel pair, 2.25x fewer FLOPs in the up-convs (~14 % of the U-Net's, measured with
-    bench.py's FLOP counter). Same linear map, equal to float32 rounding (tests). On a GPU and under torch.compile
-    the plain pair runs: there the four convs and the interleave would add kernels, and it is not measured."""
+    bench.py's FLOP counter). Same linear map, equal to float32 rounding (tests). Off the CPU and under
+    torch.compile the plain pair runs: there the four convs and the interleave would add kernels, unmeasured."""
 
     def __init__(self, c):
         super().__init__(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
@@ -329,7 +329,7 @@ class UpConv(nn.Sequential):
         return torch.stack([k0, k1 + k2] if a == 0 else [k0 + k1, k2], dim)
 
     def forward(self, x):                                              # x (B, C, H, W) -> (B, C, 2H, 2W)
-        if x.is_cuda or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
         conv, (B, C, H, W) = self[1], x.shape
         pad = ((1, 0), (0, 1))         # phase 0 reads rows (i-1, i): a zero row above; phase 1 (i, i+1): below

@@ -145,9 +145,10 @@ class MapConv(nn.Conv2d):
     turns the kernel into a dense (R^2 C_out, R^2 C_in) matrix (zero where |q - p| > 1). Same parameters and result
     as nn.Conv2d (tests check it), 2-3x faster on a CPU, where library convs have a high per-call cost on tiny maps.
     Rows and columns are ordered (position, channel), so the maps it reads and writes are channels-last (NHWC)
-    views: the batch norms after it then run ~5x faster on a CPU than on NCHW 2 x 2 maps (README, bench.py).
-    On a GPU, and under torch.compile, the plain convolution is used: there the gather's extra kernels would cost
-    more than they save (and inductor fails on this gather of a spectral-normed weight)."""
+    views: the batch norms after it then run ~5x faster on a CPU than on NCHW 2 x 2 maps (forward + backward of a
+    (256, 32, 2, 2) map, 2 threads: 79 instead of 379 us).
+    Off the CPU, and under torch.compile, the plain convolution is used: there the gather's extra kernels would
+    cost more than they save (and inductor fails on this gather of a spectral-normed weight)."""
     _taps = {}                           # (R, device) -> (tap index (P, Q), valid mask (P, Q)), built once
 
     def __init__(self, c_in, c_out, bias=True):
@@ -165,7 +166,7 @@ class MapConv(nn.Conv2d):
         return cls._taps[key]
 
     def forward(self, h):
-        if h.is_cuda or torch.compiler.is_compiling():
+        if h.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(h)
         B, C, R, _ = h.shape
         index, valid = self.taps(R, h.device)
@@ -281,11 +282,14 @@ class AuthorsEncoder(nn.Module):
                                  conv_bn(c[2], c[3], act, 7, 5, 1, sn=sn))
 
     def forward(self, x):
-        # Memory layout per layer, as measured on a CPU (oneDNN, 2 threads, batch 256; same math either way): the
-        # 1-channel first conv runs fastest on NCHW input, the 11 -> 21-channel 12 x 12 conv ~20 % faster on NHWC
-        # ("channels last"); the 2 x 2 output stays NHWC, the layout MapConv reads without a copy.
+        # On a CPU, from the second conv on NHWC ("channels last"), the layout oneDNN convolves in: encoder forward +
+        # backward 68 -> 58 ms at batch 256 on 2 threads (README). The 1-channel input is NCHW and NHWC at once, so
+        # the first conv is unaffected; the 2 x 2 output stays NHWC, which MapConv reads without a copy. Same math.
+        # On a GPU the layout stays NCHW, as measured there.
         h = self.net[0](x)                                                       # (B, 11, 19, 19)
-        return self.net[2](self.net[1](h.contiguous(memory_format=torch.channels_last)))  # (B, C, 2, 2)
+        if h.device.type == "cpu":
+            h = h.contiguous(memory_format=torch.channels_last)
+        return self.net[2](self.net[1](h))                                       # (B, C, 2, 2)
 
 
 class AuthorsDecoder(nn.Module):
@@ -465,9 +469,9 @@ class TreeVAE(nn.Module):
                 mu_p, var_p = self.transform[key](z[self.parent[i]])
                 mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_p, var_p)
                 kl_nodes = kl_nodes + prob[i] * kl_normal(mu_q, var_q, mu_p, var_p)
-            # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps MapConv writes
-            eps = torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device) if sample else None
-            z[i] = mu_q + var_q.sqrt() * eps if sample else mu_q
+            z[i] = mu_q
+            if sample:   # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps of MapConv
+                z[i] = mu_q + var_q.sqrt() * torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
             kids = self.child_ids[i]
             if len(kids) == 2:
                 logit_q[i] = self.router_q[key](d_i)                        # (B,)

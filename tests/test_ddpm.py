@@ -132,8 +132,9 @@ def test_upconv_is_upsample_then_conv():
     before multiplying, so float32 rounding differs (measured ~1e-6 relative); a wrong tap or offset is off by O(1)."""
     torch.manual_seed(0)
     up = ddpm.UpConv(6)                                               # default (random) init
-    for H, W in ((4, 4), (3, 5)):
-        for layout in (torch.contiguous_format, torch.channels_last):
+    for layout in (torch.contiguous_format, torch.channels_last):     # inputs and weights (the U-Net's are NHWC)
+        up.to(memory_format=layout)
+        for H, W in ((4, 4), (3, 5)):
             x = torch.randn(2, 6, H, W).contiguous(memory_format=layout).requires_grad_(True)
             y, y_ref = up(x), torch.nn.Sequential.forward(up, x)           # the plain pair on the same weights
             assert y.shape == (2, 6, 2 * H, 2 * W)

@@ -571,8 +571,8 @@ def test_learns_two_obvious_clusters():
 
 
 def test_map_conv_equals_conv2d():
-    """MapConv (the 3x3 conv on small maps as one matrix product) computes exactly F.conv2d, gradients too, from
-    NCHW and NHWC inputs alike, and writes NHWC maps (what makes the batch norms after it fast)."""
+    """MapConv (the 3x3 conv on small maps as one matrix product) computes F.conv2d to float rounding, gradients
+    too, from NCHW and NHWC inputs alike, and writes NHWC maps (what makes the batch norms after it fast)."""
     from treevae import MapConv
     torch.manual_seed(0)
     for R, bias in ((2, True), (4, False), (3, True)):

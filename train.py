@@ -133,7 +133,9 @@ def setup_device(name, precision="auto"):
         raise data.DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
     device = torch.device(name)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 (10-bit mantissa) for the float32 matmuls and convs that bf16 autocast leaves (as in the measured GPU
+        # runs); `--precision fp32` asks for float32, so there none.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN time its algorithms once per shape
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if bf16 and device.type not in ("cuda", "cpu"):

@@ -540,10 +540,11 @@ def grown_tree(cfg, n_leaves, device):
 
 
 def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3, tree=True,
-         sample_steps=None, fid_samples=0):
+         sample_steps=None, fid_samples=0, n_leaves=None):
     """Predict each phase's wall time from measured step times (RNG forked: training is unaffected).
     tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (make_figures: 64 samples
-    and 4 per leaf) and FID sample with sample_steps U-Net calls per image (default T: the ancestral sampler)."""
+    and 4 per leaf) and FID sample with sample_steps U-Net calls per image (default T: the ancestral sampler).
+    n_leaves: the stage-2 tree's leaf count when it exists already (default: the leaf budget max_leaves)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
         x = torch.rand(shape, device=device)
@@ -558,7 +559,7 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
                 params, decode = list(model.train_all().parameters()), None
             step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
             return timed(lambda: step(x, 0.5), device, repeat, warmup=5)[0]
-        L, phases, steps = tv_cfg.max_leaves, {}, []
+        L, phases, steps = n_leaves or tv_cfg.max_leaves, {}, []
         if tree:
             t2, tL, t_sub = tree_step(2), tree_step(L), tree_step(L - 1, subtree=True)
             t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)   # linear in the leaf count
@@ -596,7 +597,7 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
                     ema.model(xd * 2 - 1, t_idx, cond, leaf)
             t_rev = timed(reverse_step, device, repeat, warmup=1)[0]
             phases["figures"] = (64 + 4 * L + fid_samples) / b * (sample_steps or dcfg.T) * t_rev
-            steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size}, "
+            steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size} with {L} leaf conditions, "
                          f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}")
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
@@ -677,7 +678,8 @@ def main(argv=None):
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
         plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
              tree=run.stage != "ddpm", fid_samples=run.fid_samples,
-             sample_steps=None if run.sampler == "ddpm" else run.sample_steps)
+             sample_steps=None if run.sampler == "ddpm" else run.sample_steps,
+             n_leaves=treevae.TreeVAE.from_checkpoint(tv_ckpt).n_leaves if run.stage == "ddpm" else None)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     metrics_path = os.path.join(run.out, "metrics.json")
     metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}

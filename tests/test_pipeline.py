@@ -311,16 +311,18 @@ def test_error_ddpm_from_other_treevae_weights(run, tmp_path, capsys):
 
 
 def test_ddpm_stage_plans_the_ddpm_it_will_train(run, data_dir, tmp_path):
-    """--stage ddpm on a finished stage 1: the planner times only stage 2, with the U-Net the flags ask for
-    (it used to add the TreeVAE phases and time the preset's U-Net)."""
+    """--stage ddpm on a finished stage 1: the planner times only stage 2, with the U-Net the flags ask for and
+    the saved tree's leaves (it used to add the TreeVAE phases, time the preset's U-Net and max_leaves leaves)."""
     out = tmp_path / "mnist"
     out.mkdir()
     shutil.copy(run / "treevae.pt", out / "treevae.pt")
+    n_leaves = treevae.TreeVAE.from_checkpoint(load(out / "treevae.pt")).n_leaves
     proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", out, "--stage", "ddpm",
-                  "--ddpm-batch-size", 4, "--ddpm-max-steps", 2))
+                  "--ddpm-batch-size", 4, "--ddpm-max-steps", 2, "--treevae-max-leaves", 7))
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("plan:"))
-    assert "init" not in line and "finetune" not in line and "leaves" not in line, line
-    assert line.startswith("plan: ddpm") and "| figures " in line and "DDPM" in line and "at batch 4," in line, line
+    assert "init" not in line and "finetune" not in line and "subtree" not in line, line
+    assert line.startswith("plan: ddpm") and "| figures " in line and "DDPM" in line, line
+    assert f"at batch 4 with {n_leaves} leaf conditions," in line and n_leaves != 7, line
     assert (out / "ddpm.pt").is_file()
 
 

@@ -13,6 +13,7 @@ The authors' code on the same machine kinds (issue 7): 2-core CPU 1,134 / 300 / 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -162,6 +163,9 @@ def bench_data(args, device):
     return out
 
 
+FIGURES = ("treevae", "ddpm", "peak", "features", "data")     # the groups --only picks from
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -175,10 +179,13 @@ def main():
     p.add_argument("--ddim-steps", type=int, default=None, help="default 5 on CPU, 100 on CUDA")
     p.add_argument("--feature-batch", type=int, default=None, help="default 8 on CPU, 500 on CUDA")
     p.add_argument("--data-dir", default="", help="folder with Fashion-MNIST (e.g. ../shared/data) to time load()")
-    p.add_argument("--only", default="treevae,ddpm,peak,features,data")
+    p.add_argument("--only", default=",".join(FIGURES), help="comma-separated subset of " + ",".join(FIGURES))
     p.add_argument("--plan", action="store_true", help="predict the paper schedule's wall time (train.py's planner)")
     p.add_argument("--dataset", default="mnist")
     args = p.parse_args()
+    unknown = set(args.only.split(",")) - set(FIGURES)
+    if unknown:
+        p.error(f"--only: unknown figure group(s) {','.join(sorted(unknown))}; choose from {','.join(FIGURES)}")
     device, autocast = setup_device(args.device, args.precision)
     cuda = device.type == "cuda"
     args.dtype = "bf16-autocast" if args.precision == "bf16" or (cuda and args.precision == "auto") else "fp32"
@@ -206,4 +213,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (data.DataError, ddpm.DDPMError, FileNotFoundError) as e:    # e.g. --device cuda without a GPU
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -349,3 +349,20 @@ def test_restarts_keep_the_lowest_validation_elbo(data_dir, tmp_path):
     assert other["state"]["val_elbo"] >= chosen["state"]["val_elbo"]
     W = "encoder.net.0.0.parametrizations.weight.original"                 # different seeds, different weights
     assert not torch.equal(other["state_dict"][W], chosen["state_dict"][W])
+
+
+# ----------------------------------------------------------------------------- bench.py
+def test_bench_prints_one_json_line_per_figure():
+    """bench.py's contract (README): one JSON line per figure with device, dtype, batch, compile flag and the
+    median / min / max step time; unknown figure groups and a missing GPU are one-line errors."""
+    proc = ok(cli("bench.py", "--device", "cpu", "--only", "peak,data", "--repeat", 2))
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert [ln["figure"] for ln in lines] == ["matmul_peak", "batches_epoch"], proc.stdout
+    for ln in lines:
+        assert ln["device"] == "cpu" and ln["dtype"] == "fp32" and ln["compile"] is False and ln["batch"] > 0
+        assert ln["rate"] > 0 and ln["min_ms"] <= ln["median_ms"] <= ln["max_ms"], ln
+    assert lines[0]["unit"] == "TFLOP/s" and lines[1]["unit"] == "img/s"
+    proc = cli("bench.py", "--only", "peak,bogus")
+    assert proc.returncode == 2 and "unknown figure group(s) bogus" in proc.stderr and "Traceback" not in proc.stderr
+    if not torch.cuda.is_available():
+        fails(cli("bench.py", "--device", "cuda"), "no CUDA GPU", "--device cpu")

@@ -1,7 +1,7 @@
 """Benchmarks: one JSON line per figure, and a planner for the full schedule.
 
     python bench.py --device cpu              # TreeVAE / subtree / DDPM steps, sampling, features, data loading
-    python bench.py --device cuda --compile   # the same on a GPU (bf16 autocast, torch.compile, CUDA graphs)
+    python bench.py --device cuda --compile --graphs   # the same on a GPU (bf16 autocast, compile, CUDA graphs)
     python bench.py --plan --dataset mnist    # predicted wall time of the paper schedule on this machine
 
 Every figure is the median (with min and max) over repeated steps after warm-up, on random inputs of the real
@@ -118,8 +118,8 @@ def bench_ddpm(args, device, autocast):
 
 def bench_peak(args, device):
     """The machine's matrix-multiply rate (TFLOP/s) in the benchmark's dtype (operands made in it, no casts): the
-    roofline the U-Net step's `tflops` is read against (its convolutions run as matrix products). On CUDA in fp32
-    the figure is TF32 where torch allows it (reported)."""
+    roofline the U-Net step's `tflops` is read against (its convolutions run as matrix products). On CUDA, fp32
+    means IEEE float32 (setup_device turns TF32 off for --precision fp32; the `tf32` field says so)."""
     n = 2048 if device.type == "cpu" else 8192
     dtype = torch.bfloat16 if args.dtype.startswith("bf16") else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -183,9 +183,13 @@ def main():
     p.add_argument("--plan", action="store_true", help="predict the paper schedule's wall time (train.py's planner)")
     p.add_argument("--dataset", default="mnist")
     args = p.parse_args()
-    unknown = set(args.only.split(",")) - set(FIGURES)
-    if unknown:
-        p.error(f"--only: unknown figure group(s) {','.join(sorted(unknown))}; choose from {','.join(FIGURES)}")
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(FIGURES))
+    if unknown or not only:
+        raise data.DataError(f"--only {args.only!r}: unknown or no figure group ({','.join(unknown)}); "
+                             f"choose from {','.join(FIGURES)}")
+    if args.repeat < 1:
+        raise data.DataError(f"--repeat {args.repeat}: time at least 1 step")
     device, autocast = setup_device(args.device, args.precision)
     cuda = device.type == "cuda"
     args.dtype = "bf16-autocast" if args.precision == "bf16" or (cuda and args.precision == "auto") else "fp32"
@@ -199,7 +203,6 @@ def main():
         plan(treevae.treevae_config(name, "paper"), ddpm.ddpm_config(name, "paper", 10), n_train, device, autocast,
              args.compile, args.graphs)
         return
-    only = args.only.split(",")
     if "treevae" in only:
         bench_treevae(args, device, autocast)
     if "ddpm" in only:

@@ -228,14 +228,15 @@ def _as_uint8(x):
 @contextlib.contextmanager
 def _ieee_fp32():
     # PyTorch lets cuDNN run float32 convolutions as TF32 on Ampere and newer GPUs (10-bit mantissa), which moves
-    # Inception features by ~1e-3 relative (measured on an H100). A score must not depend on that flag: the
-    # extractors run in IEEE float32, and the caller's setting is restored afterwards.
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    # Inception features by ~1e-3 relative (measured on an H100); train.py allows TF32 for matmuls too. A score
+    # must not depend on those flags: the extractors (convs and linear layers) run in IEEE float32, and the
+    # caller's settings are restored afterwards.
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = prev
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def extract_features(extractor, images, batch_size=100):

@@ -129,7 +129,9 @@ def setup_device(name, precision="auto"):
         raise data.DataError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise data.DataError(f"unknown device {name!r}: use auto, cpu, cuda (or cuda:N) or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise data.DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
     device = torch.device(name)
     if device.type == "cuda":
@@ -674,12 +676,13 @@ def main(argv=None):
     if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
         finished_stage1(run, tv_path)
     if run.plan and not run.resume:
+        saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
-        plan(tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
+        plan(saved.cfg if saved else tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
              tree=run.stage != "ddpm", fid_samples=run.fid_samples,
              sample_steps=None if run.sampler == "ddpm" else run.sample_steps,
-             n_leaves=treevae.TreeVAE.from_checkpoint(tv_ckpt).n_leaves if run.stage == "ddpm" else None)
+             n_leaves=saved.n_leaves if saved else None)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     metrics_path = os.path.join(run.out, "metrics.json")
     metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}

@@ -362,7 +362,7 @@ def test_bench_prints_one_json_line_per_figure():
         assert ln["device"] == "cpu" and ln["dtype"] == "fp32" and ln["compile"] is False and ln["batch"] > 0
         assert ln["rate"] > 0 and ln["min_ms"] <= ln["median_ms"] <= ln["max_ms"], ln
     assert lines[0]["unit"] == "TFLOP/s" and lines[1]["unit"] == "img/s"
-    proc = cli("bench.py", "--only", "peak,bogus")
-    assert proc.returncode == 2 and "unknown figure group(s) bogus" in proc.stderr and "Traceback" not in proc.stderr
+    fails(cli("bench.py", "--only", "peak,bogus"), "unknown or no figure group (bogus)", "choose from")
+    fails(cli("bench.py", "--device", "xyz"), "unknown device 'xyz'")
     if not torch.cuda.is_available():
         fails(cli("bench.py", "--device", "cuda"), "no CUDA GPU", "--device cpu")

@@ -572,20 +572,21 @@ def test_learns_two_obvious_clusters():
 
 def test_map_conv_equals_conv2d():
     """MapConv (the 3x3 conv on small maps as one matrix product) computes F.conv2d to float rounding, gradients
-    too, from NCHW and NHWC inputs alike, and writes NHWC maps (what makes the batch norms after it fast)."""
+    too, from NCHW and NHWC inputs alike, and writes NHWC maps (what makes the batch norms after it fast). Batch 2
+    takes the branch that reorders the maps, batch 64 the one that reorders the matrix."""
     from treevae import MapConv
     torch.manual_seed(0)
-    for R, bias in ((2, True), (4, False), (3, True)):
+    for (R, bias), B, layout in itertools.product(((2, True), (4, False), (3, True)), (2, 64),
+                                                   (torch.contiguous_format, torch.channels_last)):
         conv = MapConv(5, 7, bias=bias)
-        for layout in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(4, 5, R, R).contiguous(memory_format=layout).requires_grad_(True)
-            y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
-            assert torch.allclose(y, y_ref, atol=1e-5), (R, layout)
-            assert y.is_contiguous(memory_format=torch.channels_last), (R, layout)
-            gw, gx = torch.autograd.grad(y.square().sum(), (conv.weight, x))
-            gw_ref, gx_ref = torch.autograd.grad(y_ref.square().sum(), (conv.weight, x))
-            assert torch.allclose(gw, gw_ref, atol=1e-4), (R, layout)
-            assert torch.allclose(gx, gx_ref, atol=1e-4), (R, layout)
+        x = torch.randn(B, 5, R, R).contiguous(memory_format=layout).requires_grad_(True)
+        y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert torch.allclose(y, y_ref, atol=1e-5), (R, B, layout)
+        assert y.is_contiguous(memory_format=torch.channels_last), (R, B, layout)
+        gw, gx = torch.autograd.grad(y.square().sum(), (conv.weight, x))
+        gw_ref, gx_ref = torch.autograd.grad(y_ref.square().sum(), (conv.weight, x))
+        assert torch.allclose(gw, gw_ref, atol=1e-4), (R, B, layout)
+        assert torch.allclose(gx, gx_ref, atol=1e-4), (R, B, layout)
 
 
 def test_generate_and_reconstruct_run_decoders_in_eval_mode():

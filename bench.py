@@ -38,8 +38,8 @@ def report(name, device, batch, t, args, dtype="fp32", unit="img/s", work=None, 
 
 
 def bench_treevae(args, device, autocast):
-    cfg = treevae.treevae_config("mnist", "paper")
-    x = torch.rand(args.batch, 1, 28, 28, device=device)
+    cfg = treevae.treevae_config(data.canonical_name(args.dataset), "paper")     # --dataset: mnist or cifar10 shapes
+    x = torch.rand(args.batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     out = []
     variants = [(n, g) for n in (2, 10) for g in ([False, True] if args.graphs else [False])]
     for n_leaves, graphs in variants:     # with --graphs: each tree eager, then captured (before/after)
@@ -181,7 +181,8 @@ def main():
     p.add_argument("--data-dir", default="", help="folder with Fashion-MNIST (e.g. ../shared/data) to time load()")
     p.add_argument("--only", default=",".join(FIGURES), help="comma-separated subset of " + ",".join(FIGURES))
     p.add_argument("--plan", action="store_true", help="predict the paper schedule's wall time (train.py's planner)")
-    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--dataset", default="mnist", help="the TreeVAE figures' and the planner's architecture "
+                   "(mnist, fashion_mnist, cifar10; default mnist)")
     args = p.parse_args()
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(FIGURES))

@@ -85,6 +85,18 @@ DATASETS = {
 _ALIASES = {"fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist", "cifar-10": "cifar10"}
 
 
+def device(name):
+    """The torch.device for --device auto | cpu | cuda[:N] | mps, or a one-line DataError (every script's check;
+    the data set lives there: Batches)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise DataError(f"unknown device {name!r}: use auto, cpu, cuda (or cuda:N) or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
 def canonical_name(name):
     """'mnist' | 'fashion_mnist' | 'cifar10' for a data set name or alias (case-insensitive)."""
     key = str(name).strip().lower()

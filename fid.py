@@ -653,9 +653,7 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr)
     warnings.showwarning = lambda msg, *args, **kw: log(f"warning: {msg}")
     try:
-        kind = a.device.split(":")[0]
-        if kind not in ("cpu", "cuda", "mps") or (kind == "cuda" and not torch.cuda.is_available()):
-            raise FIDError(f"--device {a.device!r}: use cpu, cuda (with a visible GPU) or mps")
+        a.device = data.device(a.device)                 # a one-line error for a bad or absent device
         if sum(bool(s) for s in (a.run, a.gen, a.gen_feats, a.real_vs_real)) != 1:
             raise FIDError("give exactly one of --run, --gen, --gen-feats, --real-vs-real (see --help)")
         if a.gen_feats or a.ref_feats:                   # features given: no extractor involved

@@ -127,13 +127,7 @@ def setup_device(name, precision="auto"):
     run in bf16. On a CPU with bf16 units (AVX512-BF16 / AMX) it speeds up the U-Net too; fp32 is the default there."""
     if precision not in ("auto", "bf16", "fp32"):
         raise data.DataError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise data.DataError(f"unknown device {name!r}: use auto, cpu, cuda (or cuda:N) or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise data.DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
-    device = torch.device(name)
+    device = data.device(name)
     if device.type == "cuda":
         # TF32 (10-bit mantissa) for the float32 matmuls and convs that bf16 autocast leaves (as in the measured GPU
         # runs); `--precision fp32` asks for float32, so there none.
@@ -674,7 +668,7 @@ def main(argv=None):
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
           f"device {device}")
     if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
-        finished_stage1(run, tv_path)
+        tv_ckpt = finished_stage1(run, tv_path)
     if run.plan and not run.resume:
         saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train

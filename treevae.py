@@ -142,11 +142,10 @@ def act_fn(name):
 class MapConv(nn.Conv2d):
     """A 3x3, padding-1 convolution on the small R x R maps of the tree (2 x 2 on MNIST), computed exactly as one
     matrix product. Output position p reads input position q through kernel tap (q - p + 1); gathering those taps
-    turns the kernel into a dense (R^2 C_out, R^2 C_in) matrix (zero where |q - p| > 1). Same parameters and result
+    turns the kernel into a dense (C_out R^2, C_in R^2) matrix (zero where |q - p| > 1). Same parameters and result
     as nn.Conv2d (tests check it), 2-3x faster on a CPU, where library convs have a high per-call cost on tiny maps.
-    Rows and columns are ordered (position, channel), so the maps it reads and writes are channels-last (NHWC)
-    views: the batch norms after it then run ~5x faster on a CPU than on NCHW 2 x 2 maps (forward + backward of a
-    (256, 32, 2, 2) map, 2 threads: 79 instead of 379 us).
+    It writes channels-last (NHWC) maps: the batch norms after it then run ~5x faster on a CPU than on NCHW 2 x 2
+    maps (forward + backward of a (256, 32, 2, 2) map, 2 threads: 79 instead of 379 us).
     Off the CPU, and under torch.compile, the plain convolution is used: there the gather's extra kernels would
     cost more than they save (and inductor fails on this gather of a spectral-normed weight)."""
     _taps = {}                           # (R, device) -> (tap index (P, Q), valid mask (P, Q)), built once

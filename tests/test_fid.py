@@ -283,7 +283,7 @@ def test_cli_feature_files_and_image_files(tmp_path, capsys, monkeypatch):
     (["--run", "no/such/run", "--dataset", "mnist"], "samples.npz not found"),
     (["--real-vs-real"], "needs --dataset"),
     (["--real-vs-real", "--dataset", "svhn"], "unknown data set"),
-    (["--real-vs-real", "--dataset", "mnist", "--device", "xyz"], "--device 'xyz'"),
+    (["--real-vs-real", "--dataset", "mnist", "--device", "xyz"], "unknown device 'xyz'"),
 ])
 def test_cli_errors_are_one_line_exit_2(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:

@@ -8,7 +8,8 @@ Each test runs an optimised path next to an independent plain computation and co
 - bf16 autocast vs fp32: the DDPM loss and the TreeVAE loss terms, each returned in float32;
 - ddpm.EMA.update (one foreach lerp) vs the textbook per-parameter average;
 - ddpm.dropout (CPU: rand_like written out) vs the definition of inverted dropout;
-- a spectral-normed treevae.MapConv (a 3x3 conv as one matrix product) vs a spectral-normed nn.Conv2d;
+- spectral-normed treevae.MapConv (a 3x3 conv as one matrix product) and FourierConv2d (a conv through the
+  DFT) vs a spectral-normed nn.Conv2d;
 - the DDPM's conditioning computed once for the whole training set (train.leaf_reconstructions) vs per batch.
 
 Tolerances are stated where they are used, with the reason. Runtime on one thread: the compile test 35-65 s
@@ -340,20 +341,24 @@ def test_cpu_dropout_is_inverted_dropout():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. spectral-normed MapConv vs spectral-normed nn.Conv2d
+# 7. spectral-normed MapConv and FourierConv2d vs spectral-normed nn.Conv2d
 
-def test_spectral_map_conv_equals_spectral_conv2d():
+@pytest.mark.parametrize("kind", ["map", "fourier"])
+def test_spectral_fast_conv_equals_spectral_conv2d(kind):
     """treevae.spectral(MapConv) computes what treevae.spectral(nn.Conv2d(3x3, padding 1)) computes, given the
     same original weight and the same power-iteration vectors _u, _v (copied by load_state_dict: the keys are the
-    same). Eval mode (fixed u, v: the normalised weight W / u^T W v) on 2, 3 and 4 px maps, gradients with respect
+    same); so does spectral(FourierConv2d) with a 5x5 kernel (the encoder's fast conv). Eval mode (fixed u, v: the
+    normalised weight W / u^T W v) on 2, 3 and 4 px maps (6-8 px for the 5x5 kernel), gradients with respect
     to the original weight included; then one train-mode call each (one power iteration updates u and v, and both
-    layers must update them the same way). MapConv's matrix product sums the 9 C_in taps in another order than
-    the library conv: atol 1e-5 on outputs ~1, 1e-4 on gradients summed over the batch (as
+    layers must update them the same way: a layer that read its weight twice would run two). The fast convs sum
+    in another order than the library conv: atol 1e-5 on outputs ~1, 1e-4 on gradients summed over the batch (as
     test_map_conv_equals_conv2d)."""
     torch.manual_seed(0)
-    for R, bias in ((2, True), (3, False), (4, True)):
-        conv = treevae.spectral(treevae.MapConv(5, 7, bias=bias))
-        ref = treevae.spectral(nn.Conv2d(5, 7, 3, padding=1, bias=bias))
+    k, sizes = (3, (2, 3, 4)) if kind == "map" else (5, (6, 7, 8))
+    for R, bias in zip(sizes, (True, False, True)):
+        fast = treevae.MapConv(5, 7, bias=bias) if kind == "map" else treevae.FourierConv2d(5, 7, k, padding=1, bias=bias)
+        conv = treevae.spectral(fast)
+        ref = treevae.spectral(nn.Conv2d(5, 7, k, padding=1, bias=bias))
         ref.load_state_dict(conv.state_dict())
         sn, sn_ref = conv.parametrizations.weight[0], ref.parametrizations.weight[0]
         assert torch.equal(sn._u, sn_ref._u) and torch.equal(sn._v, sn_ref._v)

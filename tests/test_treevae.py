@@ -448,6 +448,31 @@ def test_map_conv_equals_conv2d():
         assert torch.allclose(gx, gx_ref, atol=1e-4), (R, B, layout)
 
 
+def test_fourier_conv_equals_conv2d():
+    """FourierConv2d (a stride-1 conv through the DFT) computes F.conv2d to float rounding, gradients too, for
+    square and rectangular kernels, paddings 0-2, odd and even padded widths (the half spectrum's last column is its
+    own conjugate only when even), NCHW and NHWC inputs, with and without bias; it writes NHWC maps. The first
+    case is the authors' encoder's conv at a small batch. Under autocast it runs the library conv (bf16 out)."""
+    from treevae import FourierConv2d
+    torch.manual_seed(0)
+    cases = [(2, 11, 21, 19, 19, 12, 12, 1, 1, False), (3, 4, 5, 8, 9, 3, 4, 1, 2, True),
+             (2, 2, 3, 10, 7, 4, 3, 0, 0, True), (2, 3, 2, 6, 6, 3, 3, 2, 0, False)]
+    for (B, Ci, Co, H, W, kh, kw, ph, pw, bias), layout in itertools.product(
+            cases, (torch.contiguous_format, torch.channels_last)):
+        conv = FourierConv2d(Ci, Co, (kh, kw), padding=(ph, pw), bias=bias)
+        x = torch.randn(B, Ci, H, W).contiguous(memory_format=layout).requires_grad_(True)
+        y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=(ph, pw))
+        assert y.shape == y_ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5 * y_ref.abs().max().item())
+        params = [x, conv.weight] + ([conv.bias] if bias else [])
+        grads = torch.autograd.grad(y.square().sum(), params)
+        grads_ref = torch.autograd.grad(y_ref.square().sum(), params)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5 * g_ref.abs().max().item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+
+
 def test_generate_and_reconstruct_run_decoders_in_eval_mode():
     """From a model in train mode, generate/reconstruct twice give identical images (no batch statistics, no
     spectral-norm power iteration), and the train mode is restored afterwards."""

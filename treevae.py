@@ -211,11 +211,11 @@ class FourierConv2d(nn.Conv2d):
         out = crop( IDFT_2( sum_i DFT_2(xp)[i] * conj(DFT_2(w padded to N x M)[o, i]) ) ).
     Each 1-D DFT is a small real matrix (complex numbers kept as (re, im) parts; the real input needs only the
     M // 2 + 1 non-negative column frequencies, the others being conjugates), the padding is folded into the
-    forward matrices and the crop into the inverse ones, so the conv becomes seven matrix products whose backward
-    autograd derives. For the encoder's conv: 0.4 instead of 1.7 GFLOP per forward at batch 256, forward + backward
-    38 -> 23 ms on 2 threads (README). Same linear map, equal to float32 rounding (tests). Same parameters and state
-    dict as nn.Conv2d. Off the CPU, under autocast (bf16 transforms would lose digits) and under torch.compile the
-    plain convolution runs."""
+    forward matrices and the crop into the inverse ones, so the conv becomes a chain of small matrix products
+    (transform rows and columns, one channel product per frequency, transform back) whose backward autograd derives. For the encoder's conv: 0.4 instead of 1.7 GFLOP per forward at batch 256, forward + backward
+    38 -> 21 ms on 2 threads (README). Same linear map, equal to float32 rounding (tests). Same parameters and state
+    dict as nn.Conv2d. Off the CPU, in low precision (autocast or bf16 weights: the transforms would lose digits)
+    and under torch.compile the plain convolution runs."""
     _mats = {}                          # (H, W, kh, kw, ph, pw, device, dtype) -> the six transform matrices
 
     @classmethod
@@ -254,7 +254,7 @@ class FourierConv2d(nn.Conv2d):
 
     def forward(self, x):
         if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1
+                or x.dtype not in (torch.float32, torch.float64) or self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1
                 or self.padding_mode != "zeros" or isinstance(self.padding, str)):
             return super().forward(x)
         w = self.weight                  # read once: under spectral norm each read runs a power iteration

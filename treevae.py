@@ -157,11 +157,12 @@ class MapConv(nn.Conv2d):
     def taps(cls, R, device):
         key = (R, str(device))
         if key not in cls._taps:
-            p = torch.arange(R * R, device=device)
-            dy = (p // R)[None, :] - (p // R)[:, None] + 1                   # (P, Q) row offset of the tap
-            dx = (p % R)[None, :] - (p % R)[:, None] + 1
-            valid = (dy >= 0) & (dy <= 2) & (dx >= 0) & (dx <= 2)
-            cls._taps[key] = ((dy * 3 + dx).clamp(0, 8), valid)
+            with torch.inference_mode(False):    # normal tensors even if first built under inference mode
+                p = torch.arange(R * R, device=device)
+                dy = (p // R)[None, :] - (p // R)[:, None] + 1               # (P, Q) row offset of the tap
+                dx = (p % R)[None, :] - (p % R)[:, None] + 1
+                valid = (dy >= 0) & (dy <= 2) & (dx >= 0) & (dx <= 2)
+                cls._taps[key] = ((dy * 3 + dx).clamp(0, 8), valid)
         return cls._taps[key]
 
     def forward(self, h):
@@ -184,8 +185,8 @@ class MapConv(nn.Conv2d):
 
 
 class SpatialMajor(torch.autograd.Function):
-    """x (B, C, H, W) -> a copy laid out (H, W, B C), for FourierConv2d. The backward returns the gradient in x's own
-    layout (NCHW or NHWC): autograd's permute would hand back a strided view of the (H, W, B, C) gradient, on which
+    """x (B, C, H, W) -> x laid out (H, W, B C) (a copy), for FourierConv2d. The backward returns the gradient NCHW if
+    x was, else NHWC: autograd's permute would hand back a strided view of the (H, W, B, C) gradient, on which
     the elementwise backward ops before the conv run ~3x slower (the encoder's SiLU: 4.6 -> 1.5 ms a step)."""
     @staticmethod
     def forward(ctx, x):
@@ -197,7 +198,7 @@ class SpatialMajor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):                                                # g (H, W, B C)
         H, W, _ = g.shape
-        return g.view(H, W, -1, ctx.C).permute(2, 3, 0, 1).contiguous(memory_format=ctx.layout)
+        return g.reshape(H, W, -1, ctx.C).permute(2, 3, 0, 1).contiguous(memory_format=ctx.layout)
 
 
 class FourierConv2d(nn.Conv2d):
@@ -212,51 +213,60 @@ class FourierConv2d(nn.Conv2d):
     Each 1-D DFT is a small real matrix (complex numbers kept as (re, im) parts; the real input needs only the
     M // 2 + 1 non-negative column frequencies, the others being conjugates), the padding is folded into the
     forward matrices and the crop into the inverse ones, so the conv becomes a chain of small matrix products
-    (transform rows and columns, one channel product per frequency, transform back) whose backward autograd derives. For the encoder's conv: 0.4 instead of 1.7 GFLOP per forward at batch 256, forward + backward
-    38 -> 21 ms on 2 threads (README). Same linear map, equal to float32 rounding (tests). Same parameters and state
-    dict as nn.Conv2d. Off the CPU, in low precision (autocast or bf16 weights: the transforms would lose digits)
-    and under torch.compile the plain convolution runs."""
+    (transform rows and columns, one channel product per frequency, transform back) whose backward autograd
+    derives. For the encoder's conv at batch 256: 0.4 instead of 1.7 GFLOP per forward, forward + backward
+    38 -> 21 ms on 2 threads (README). Same linear map, equal to float32 rounding (tests); same parameters and state
+    dict as nn.Conv2d. Off the CPU, in low precision (autocast, bf16 inputs: the transforms would lose digits), under
+    torch.compile and for what it does not handle (stride, dilation, groups, other padding modes) the plain
+    convolution runs."""
     _mats = {}                          # (H, W, kh, kw, ph, pw, device, dtype) -> the six transform matrices
 
     @classmethod
     def mats(cls, H, W, kh, kw, ph, pw, device, dtype):
         key = (H, W, kh, kw, ph, pw, str(device), dtype)
         if key not in cls._mats:
-            N, M = H + 2 * ph, W + 2 * pw                  # padded grid
-            Ho, Wo, L = N - kh + 1, M - kw + 1, M // 2 + 1    # output size; column frequencies l = 0 .. M // 2
-            f64 = dict(dtype=torch.float64)
-            angle = lambda a, b, n: 2 * math.pi * torch.outer(torch.arange(a, **f64), b) / n   # (a, len(b))
-
-            def columns(n_in, offset):   # real 1-D DFT over columns (padded position m + offset) -> (re; im): (2L, n_in)
-                t = angle(L, torch.arange(n_in, **f64) + offset, M)
-                return torch.cat([t.cos(), -t.sin()])
-
-            def rows(n_in, offset):      # complex 1-D DFT over rows: [(row, part)] -> [(part, k)]: (2N, 2 n_in)
-                t = angle(N, torch.arange(n_in, **f64) + offset, N)
-                c, s = t.cos(), -t.sin()                                   # e^{-i t} = c + i s
-                re, im = torch.stack([c, -s], 2), torch.stack([s, c], 2)   # (a + ib)(c + is), parts (a, b) interleaved
-                return torch.cat([re, im]).reshape(2 * N, 2 * n_in)
-
-            t = angle(Ho, torch.arange(N, **f64), N)                       # inverse over rows, k -> r < Ho: e^{+i t}
-            c, s = t.cos(), t.sin()
-            inv_rows = torch.stack([torch.cat([c, -s], 1), torch.cat([s, c], 1)], 1)   # [(r, part'), (part, k)]
-            inv_rows = inv_rows.reshape(2 * Ho, 2 * N) / (N * M)                      # (1 / NM of the inverse here)
-            # inverse over columns, l -> s < Wo, real part: x_s = sum_{l < M} X_l e^{+i t} = sum_{l <= M/2} c_l Re(..)
-            c_l = torch.full((L,), 2.0, **f64)
-            c_l[0] = 1.0                                                   # l = 0 has no conjugate twin,
-            if M % 2 == 0:
-                c_l[-1] = 1.0                                              # nor has l = M / 2
-            t = angle(Wo, torch.arange(L, **f64), M)                       # (Wo, L)
-            inv_cols = torch.cat([c_l * t.cos(), -c_l * t.sin()], 1)       # (Wo, 2L): [(part, l)]
-            cls._mats[key] = [m.to(device, dtype) for m in (columns(W, pw), columns(kw, 0), rows(H, ph), rows(kh, 0),
-                                                              inv_rows, inv_cols)]
+            with torch.inference_mode(False):  # normal tensors even if first built under inference mode
+                cls._mats[key] = cls._build(H, W, kh, kw, ph, pw, device, dtype)
         return cls._mats[key]
 
+    @staticmethod
+    def _build(H, W, kh, kw, ph, pw, device, dtype):
+        N, M = H + 2 * ph, W + 2 * pw                  # padded grid
+        Ho, Wo, L = N - kh + 1, M - kw + 1, M // 2 + 1    # output size; column frequencies l = 0 .. M // 2
+        f64 = dict(dtype=torch.float64)
+        angle = lambda a, b, n: 2 * math.pi * torch.outer(torch.arange(a, **f64), b) / n   # (a, len(b))
+
+        def columns(n_in, offset):   # real 1-D DFT over columns (padded position m + offset) -> (re; im): (2L, n_in)
+            t = angle(L, torch.arange(n_in, **f64) + offset, M)
+            return torch.cat([t.cos(), -t.sin()])
+
+        def rows(n_in, offset):      # complex 1-D DFT over rows: [(row, part)] -> [(part, k)]: (2N, 2 n_in)
+            t = angle(N, torch.arange(n_in, **f64) + offset, N)
+            c, s = t.cos(), -t.sin()                                   # e^{-i t} = c + i s
+            re, im = torch.stack([c, -s], 2), torch.stack([s, c], 2)   # (a + ib)(c + is), parts (a, b) interleaved
+            return torch.cat([re, im]).reshape(2 * N, 2 * n_in)
+
+        t = angle(Ho, torch.arange(N, **f64), N)                       # inverse over rows, k -> r < Ho: e^{+i t}
+        c, s = t.cos(), t.sin()
+        inv_rows = torch.stack([torch.cat([c, -s], 1), torch.cat([s, c], 1)], 1)   # [(r, part'), (part, k)]
+        inv_rows = inv_rows.reshape(2 * Ho, 2 * N) / (N * M)                      # (1 / NM of the inverse here)
+        # inverse over columns, l -> s < Wo, real part: x_s = sum_{l < M} X_l e^{+i t} = sum_{l <= M/2} c_l Re(..)
+        c_l = torch.full((L,), 2.0, **f64)
+        c_l[0] = 1.0                                                   # l = 0 has no conjugate twin,
+        if M % 2 == 0:
+            c_l[-1] = 1.0                                              # nor has l = M / 2
+        t = angle(Wo, torch.arange(L, **f64), M)                       # (Wo, L)
+        inv_cols = torch.cat([c_l * t.cos(), -c_l * t.sin()], 1)       # (Wo, 2L): [(part, l)]
+        return [m.to(device, dtype) for m in (columns(W, pw), columns(kw, 0), rows(H, ph), rows(kh, 0),
+                                              inv_rows, inv_cols)]
+
     def forward(self, x):
-        if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or x.dtype not in (torch.float32, torch.float64) or self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1
-                or self.padding_mode != "zeros" or isinstance(self.padding, str)):
-            return super().forward(x)
+        plain = (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                 or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4
+                 or self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1
+                 or self.padding_mode != "zeros" or isinstance(self.padding, str))
+        if plain or any(k > n + 2 * p for k, n, p in zip(self.kernel_size, x.shape[-2:], self.padding)):
+            return super().forward(x)    # (a kernel larger than the padded map: nn.Conv2d's error, not an empty map)
         w = self.weight                  # read once: under spectral norm each read runs a power iteration
         (B, C, H, W), (Co, _, kh, kw), (ph, pw) = x.shape, w.shape, self.padding
         cols, cols_w, rows, rows_w, inv_rows, inv_cols = self.mats(H, W, kh, kw, ph, pw, x.device, x.dtype)

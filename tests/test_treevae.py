@@ -473,6 +473,41 @@ def test_fourier_conv_equals_conv2d():
         assert conv(x).dtype == torch.bfloat16
 
 
+def test_fourier_conv_edge_cases():
+    """FourierConv2d beyond the common shapes: float64, a channel-sliced (non-contiguous) input, padding above k - 1,
+    a kernel as large as the padded map (1 x 1 output), batch 1 with one channel; the cases it hands to nn.Conv2d
+    give nn.Conv2d's result or error (a 3-D unbatched input, 'same' padding, a kernel larger than the padded map);
+    and its transform matrices, cached per shape, stay usable for training after a first call under
+    torch.inference_mode() (inference tensors cannot be saved for backward)."""
+    from treevae import FourierConv2d
+    torch.manual_seed(0)
+    f32, f64 = torch.float32, torch.float64
+    for shape, k, pad, dtype, sliced in [((2, 3, 7, 6), 3, 1, f64, False), ((2, 6, 7, 6), 3, 1, f32, True),
+                                         ((2, 3, 5, 5), 3, 3, f32, False), ((2, 3, 5, 4), (7, 6), 1, f32, False),
+                                         ((1, 1, 6, 6), 4, 0, f32, False)]:
+        x = torch.randn(shape, dtype=dtype)
+        x = (x[:, ::2] if sliced else x).requires_grad_(True)
+        conv = FourierConv2d(x.shape[1], 4, k, padding=pad).to(dtype)
+        y, y_ref = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=pad)
+        tol = (1e-12 if dtype == torch.float64 else 1e-5) * y_ref.abs().max().item()
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=tol)
+        g, g_ref = (torch.autograd.grad(out.square().sum(), x)[0] for out in (y, y_ref))
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-5 * g_ref.abs().max().item())
+    conv = FourierConv2d(3, 4, 3, padding=1)
+    x = torch.randn(3, 5, 5)                                              # unbatched: the library conv's job
+    torch.testing.assert_close(conv(x), F.conv2d(x[None], conv.weight, conv.bias, padding=1)[0])
+    with pytest.raises(RuntimeError):
+        FourierConv2d(3, 4, 9, padding=1)(torch.randn(2, 3, 5, 5))    # 9 > 5 + 2: nn.Conv2d's error
+    same = FourierConv2d(3, 4, 3, padding="same")
+    x = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(same(x), F.conv2d(x, same.weight, same.bias, padding=1))
+    conv, x = FourierConv2d(2, 3, 3, padding=1), torch.randn(2, 2, 11, 13)   # a shape no other test builds
+    with torch.inference_mode():
+        conv(x)
+    conv(x).sum().backward()                      # would raise if the cache held inference tensors
+    assert conv.weight.grad is not None
+
+
 def test_generate_and_reconstruct_run_decoders_in_eval_mode():
     """From a model in train mode, generate/reconstruct twice give identical images (no batch statistics, no
     spectral-norm power iteration), and the train mode is restored afterwards."""

@@ -638,12 +638,17 @@ def fit_restarts(run, argv):
     return {"chosen": best["restart"], "runs": results}
 
 
-def finished_stage1(run, tv_path):
-    """The stage-1 checkpoint that stage 2 and the figures need, or a one-line error saying how to make it."""
-    if not os.path.exists(tv_path):
+def load_checkpoint(path):
+    """A checkpoint as saved (tensors on the CPU), or None where there is none yet."""
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+
+
+def finished_stage1(run, tv_path, tv_ckpt):
+    """tv_ckpt (loaded from tv_path, None if absent) if it is the finished stage 1 that stage 2 and the figures
+    need, else a one-line error saying how to make it."""
+    if tv_ckpt is None:
         raise data.DataError(f"no {tv_path}: train stage 1 first (python train.py --dataset {run.dataset} "
                              f"--stage treevae)")
-    tv_ckpt = torch.load(tv_path, map_location="cpu", weights_only=True)
     if tv_ckpt["state"]["phase"] != "done":
         raise data.DataError(f"{tv_path} is an unfinished stage 1: run python train.py --dataset {run.dataset} "
                              f"--stage treevae --resume")
@@ -659,7 +664,7 @@ def main(argv=None):
     test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
     os.makedirs(run.out, exist_ok=True)                 # only once the data are there: no empty run folders
     tv_path = os.path.join(run.out, "treevae.pt")
-    tv_ckpt = torch.load(tv_path, map_location="cpu", weights_only=True) if os.path.exists(tv_path) else None
+    tv_ckpt = load_checkpoint(tv_path)
     if run.resume and tv_ckpt is not None:              # a resumed run keeps the schedule it was started with
         tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
         print(f"--resume: using the TreeVAE configuration saved in {tv_path}")
@@ -668,7 +673,7 @@ def main(argv=None):
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
           f"device {device}")
     if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
-        tv_ckpt = finished_stage1(run, tv_path)
+        finished_stage1(run, tv_path, tv_ckpt)
     if run.plan and not run.resume:
         saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
@@ -684,7 +689,7 @@ def main(argv=None):
         restarts = None
         if run.restarts > 1:                             # the chosen restart becomes this run's stage 1
             restarts = fit_restarts(run, argv)
-            stage1.load(torch.load(tv_path, map_location="cpu", weights_only=True), verb="loaded the chosen")
+            stage1.load(load_checkpoint(tv_path), verb="loaded the chosen")
         else:
             if run.resume and tv_ckpt is not None:
                 stage1.load(tv_ckpt)
@@ -699,7 +704,8 @@ def main(argv=None):
         print(f"[test] NMI {m['nmi']:.3f} | accuracy {m['acc']:.3f} | leaf purity {m['leaf_purity']:.3f} | "
               f"dendrogram purity {m['dendrogram_purity']:.3f} | {m['n_leaves']} leaves, sizes {m['leaf_sizes']}")
         json.dump(metrics, open(metrics_path, "w"), indent=1)
-    tv_ckpt = finished_stage1(run, tv_path)
+    if run.stage != "ddpm":                             # stage 1 ran above: read the checkpoint it wrote
+        tv_ckpt = finished_stage1(run, tv_path, load_checkpoint(tv_path))
     tv = treevae.TreeVAE.from_checkpoint(tv_ckpt).to(device)
     if run.stage in ("ddpm", "all"):
         dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)

@@ -10,7 +10,6 @@ matmul_peak TFLOP/s), to 4 significant digits.
 The authors' code on the same machine kinds (issue 7): 2-core CPU 1,134 / 300 / 437 img/s for the 2-leaf,
 10-leaf and subtree steps, 17.3 img/s for the U-Net step at batch 32; one H200 7,776 / 2,171 / 3,713 and 4,427.
 """
-import argparse
 import json
 import statistics
 import sys
@@ -166,31 +165,46 @@ def bench_data(args, device):
 FIGURES = ("treevae", "ddpm", "peak", "features", "data")     # the groups --only picks from
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto")
+def parser():
+    """bench.py's command line."""
+    p = data.Parser(prog="bench.py", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--threads", type=data.Range(int, ge=0), default=0, help="CPU threads of torch's kernels "
+                   "(torch.set_num_threads), set before any work; 0: torch's choice (each JSON line says how many)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
-    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
     p.add_argument("--graphs", action="store_true", help="also time the TreeVAE steps captured as CUDA graphs")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--ddpm-batch", type=int, default=None, help="default 32 on CPU, 256 on CUDA")
-    p.add_argument("--ddim-images", type=int, default=None, help="default 16 on CPU, 1000 on CUDA")
-    p.add_argument("--ddim-steps", type=int, default=None, help="default 5 on CPU, 100 on CUDA")
-    p.add_argument("--feature-batch", type=int, default=None, help="default 8 on CPU, 500 on CUDA")
-    p.add_argument("--data-dir", default="", help="folder with Fashion-MNIST (e.g. ../shared/data) to time load()")
+    p.add_argument("--repeat", type=data.Range(int, ge=1), default=10, help="timed steps per figure, after warm-up")
+    p.add_argument("--batch", type=data.Range(int, ge=2), default=256,
+                   help="images per TreeVAE step (batch norm needs 2)")
+    # None: a default per device, filled in below
+    p.add_argument("--ddpm-batch", type=data.Range(int, ge=1), help="images per U-Net step; default 32 on CPU, "
+                   "256 on CUDA")
+    p.add_argument("--ddim-images", type=data.Range(int, ge=1), help="images of the DDIM figure; default 16 on CPU, "
+                   "1000 on CUDA")
+    p.add_argument("--ddim-steps", type=data.Range(int, ge=1, le=1000), help="steps of the DDIM figure (at most "
+                   "the paper DDPM's T = 1000); default 5 on CPU, 100 on CUDA")
+    p.add_argument("--feature-batch", type=data.Range(int, ge=1), help="images per Inception feature batch; "
+                   "default 8 on CPU, 500 on CUDA")
+    p.add_argument("--data-dir", default="", help="folder with Fashion-MNIST (e.g. ../shared/data) to time load(); "
+                   "default: random images")
     p.add_argument("--only", default=",".join(FIGURES), help="comma-separated subset of " + ",".join(FIGURES))
     p.add_argument("--plan", action="store_true", help="predict the paper schedule's wall time (train.py's planner)")
-    p.add_argument("--dataset", default="mnist", help="the TreeVAE figures' and the planner's architecture "
-                   "(mnist, fashion_mnist, cifar10; default mnist)")
-    args = p.parse_args()
+    p.add_argument("--dataset", default="mnist", help="the TreeVAE figures' and the planner's architecture: "
+                   "mnist | fashion_mnist | cifar10")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(only) - set(FIGURES))
     if unknown or not only:
         raise data.DataError(f"--only {args.only!r}: unknown or no figure group ({','.join(unknown)}); "
                              f"choose from {','.join(FIGURES)}")
-    if args.repeat < 1:
-        raise data.DataError(f"--repeat {args.repeat}: time at least 1 step")
+    if args.threads:
+        torch.set_num_threads(args.threads)          # before any work
     device, autocast = setup_device(args.device, args.precision)
     cuda = device.type == "cuda"
     args.dtype = "bf16-autocast" if args.precision == "bf16" or (cuda and args.precision == "auto") else "fp32"

@@ -25,6 +25,8 @@ uint8 {0..255} --to_float--> [0, 1] (TreeVAE) or [-1, 1] (DDPM, signed=True) --t
     batches = Batches(images[train_idx], labels[train_idx], batch_size=256, device="cuda")
     for x, y in batches.epoch(e): ...                               # x (B, 1, 28, 28) float in [0, 1]
 """
+import argparse
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -35,6 +37,7 @@ import struct
 import sys
 import tarfile
 import tempfile
+import textwrap
 import urllib.request
 import zlib
 
@@ -459,3 +462,139 @@ def _hsv_to_rgb(hsv):  # inverse of _rgb_to_hsv, the closed form f(n) = v - v s 
     n = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)  # R, G, B
     k = (n + 6.0 * h) % 6.0  # (B, 3, H, W): position of each channel on the hexagon
     return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0, 1)
+
+
+# ----------------------------------------------------------------------------- command lines
+# Every option of every script states its meaning, unit and valid values once, next to its default: a config
+# dataclass declares its fields with setting() and add_flags turns them into flags (fid.py and bench.py, which
+# have no config dataclass, hand Range and choices to add_argument). argparse then refuses a bad value while the
+# arguments are parsed, before any time is spent, and Parser turns its refusal into the one-line `error: ...`.
+
+class UsageError(DataError):
+    """A command line that argparse refused: unknown option, unparsable or out-of-range value, invalid choice."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the scripts' one-line errors: a refusal raises UsageError (a DataError, so every script's
+    `error: ...` handler prints it and exits with code 2) instead of printing the whole usage block. Its --help
+    ends every option's line with its range and default (HelpFormatter)."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        raise UsageError(f"{message}; see python {self.prog} --help")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """'help; range; default': the range of a Range-typed option, then its default (an action's `shown_default`,
+    e.g. a preset-dependent text, else its parser default; none for switches, None and '', whose meaning the help
+    text gives)."""
+
+    def _get_help_string(self, action):
+        help, default = action.help or "", getattr(action, "shown_default", action.default)
+        if isinstance(action.type, Range):                 # before a default the help text states itself
+            head, sep, tail = help.partition("; default")
+            help = f"{head}; {action.type}{sep}{tail}"
+        if default not in (None, "", argparse.SUPPRESS) and action.option_strings and action.nargs != 0:
+            help += f"; default {flag_text(default)}".replace("%", "%%")     # argparse %-formats help
+        return help
+
+    def _get_default_metavar_for_optional(self, action):      # --repeat INT rather than --repeat REPEAT
+        return action.type.kind.__name__.upper() if isinstance(action.type, Range) else action.dest.upper()
+
+    def _split_lines(self, text, width):                # keep --flag-names whole when wrapping
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class Range:
+    """The valid values of a numeric option: ge <= x, gt < x, x <= le, x < lt (any of them), or x == off, a value
+    outside those with a meaning of its own (0 = off). As argparse's `type` it turns one command-line word into a
+    number, or refuses it with a message that names the word and the range. Floats must be finite."""
+
+    def __init__(self, kind=int, ge=None, gt=None, le=None, lt=None, off=None):
+        self.kind, self.ge, self.gt, self.le, self.lt, self.off = kind, ge, gt, le, lt, off
+        self.__name__ = kind.__name__                # argparse names a type by its __name__
+
+    def __contains__(self, x):
+        return x == self.off or ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt) and
+                                 (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self):                               # '>= 1', '> 0', 'in [0, 1)', '0 or >= 2'
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        hi = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if lo and hi:
+            text = f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+        elif lo:
+            text = f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+        elif hi:
+            text = f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+        else:
+            text = "any " + ("integer" if self.kind is int else "number")
+        return text if self.off is None else f"{self.off} or {text}"
+
+    def __call__(self, word):
+        try:
+            x = self.kind(word)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
+                                              f"got {word!r}") from None
+        if x not in self or not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{word} is out of range: must be {self}")
+        return x
+
+
+def setting(default, help, choices=None, flag=True, kind=None, **bounds):
+    """A config dataclass field with what its command-line flag needs: `help`, one line saying what it sets, in
+    which unit; its valid values: `choices`, or for a number the bounds of a Range (ge, gt, le, lt, off); `kind`,
+    the number type where the default is None. flag=False: a field set from the data or the model (image size,
+    leaf count), not by the user, so it gets no flag."""
+    kind = kind or (int if isinstance(default, tuple) else type(default))     # a tuple holds integers
+    meta = {"help": help, "choices": choices, "flag": flag, "kind": kind,
+            "range": Range(kind, **bounds) if bounds else None}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_bool(word):
+    if word.lower() in ("1", "true", "yes", "on"):
+        return True
+    if word.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {word!r}")
+
+
+def add_flags(parser, cls, prefix="", defaults=None):
+    """One --flag per user setting of the dataclass cls (prefix 'treevae-' / 'ddpm-' for the stage configs), with
+    its help line, range or choices and default. The parsed default is None, 'keep the config's value', so only
+    the flags a user gives override anything; `defaults` (field -> text) shows defaults that depend on the preset."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("flag", True):
+            continue
+        name, kind, help = "--" + prefix + f.name.replace("_", "-"), meta["kind"], meta["help"].replace("%", "%%")
+        if kind is bool:
+            action = parser.add_argument(name, type=parse_bool, nargs="?", const=True, metavar="BOOL", help=help)
+        elif isinstance(f.default, tuple):
+            action = parser.add_argument(name, type=meta["range"], nargs="+", metavar="INT", help=help)
+        elif meta["choices"]:
+            action = parser.add_argument(name, type=kind, choices=meta["choices"], help=help)
+        else:
+            action = parser.add_argument(name, type=meta["range"] or kind, metavar=kind.__name__.upper(), help=help)
+        action.shown_default = (defaults or {}).get(f.name, f.default)
+
+
+def flag_text(value):
+    """A value as one types it on the command line: 0.001, true, 1 2 2 2 for a tuple; text as it is."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else value if isinstance(value, str) else repr(value)
+
+
+def overrides(args, cls, prefix=""):
+    """{field: value} of the flags given on the command line (tuples as tuples)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(args, (prefix + f.name).replace("-", "_"), None)
+        if v is not None:
+            out[f.name] = tuple(v) if isinstance(f.default, tuple) else v
+    return out

@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import setting
+
 
 class DDPMError(Exception):
     """A user-facing error: the message names the cause and the remedy in one line."""
@@ -50,33 +52,39 @@ class DDPMError(Exception):
 
 @dataclass
 class DDPMConfig:
-    dataset: str = "mnist"
-    image_channels: int = 1            # C of the data (and of the conditioning image x_hat)
-    image_size: int = 28
+    # flag=False: set by ddpm_config from the data set and by train.py from the tree, not user settings
+    dataset: str = setting("mnist", "data set the config was made for", flag=False)
+    image_channels: int = setting(1, "C of the data (and of the conditioning image x_hat)", flag=False)
+    image_size: int = setting(28, "image height = width, pixels", flag=False)
     # noise schedule (Ho et al. section 4: T = 1000, linear beta 1e-4 -> 0.02)
-    T: int = 1000
-    schedule: str = "linear"           # 'linear' | 'cosine' (Nichol & Dhariwal Eq. 17)
-    beta_1: float = 1e-4               # at T = 1000; scaled by 1000/T for other T
-    beta_T: float = 0.02
-    var_type: str = "fixed_large"      # ancestral sampler's sigma_t^2: 'fixed_large' (beta) | 'fixed_small' (beta~)
-    # U-Net (SPEC section 5, DiffuseVAE's setting: ~9.3 M parameters)
-    base_channels: int = 64
-    channel_mult: tuple = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    dropout: float = 0.3
-    n_leaves: int = 0                  # 0 = no leaf conditioning; else the TreeVAE's number of leaves
-    cond_image: bool = True            # concatenate the TreeVAE image x_hat to x_t (False = no image conditioning)
-    # optimisation (SPEC section 5)
-    lr: float = 2e-4
-    warmup: int = 5000                 # linear learning-rate warm-up steps
-    grad_clip: float = 1.0             # max global grad norm (0 = off)
-    ema_decay: float = 0.9999
-    batch_size: int = 256
-    epochs: int = 1000
-    max_steps: int = 0                 # stop after this many optimiser steps (0 = no limit besides epochs)
-    # sampling defaults for scripts
-    ddim_steps: int = 100
-    ddim_eta: float = 0.0
+    T: int = setting(1000, "diffusion steps (the linear schedule needs T > 1000 max(beta_1, beta_T): 20)", ge=1)
+    schedule: str = setting("linear", "noise schedule: linear | cosine (Nichol & Dhariwal Eq. 17)",
+                            choices=("linear", "cosine"))
+    beta_1: float = setting(1e-4, "first beta of the linear schedule, at T = 1000 (scaled by 1000/T)", gt=0, lt=1)
+    beta_T: float = setting(0.02, "last beta of the linear schedule, at T = 1000 (scaled by 1000/T)", gt=0, lt=1)
+    var_type: str = setting("fixed_large", "ancestral sampler's sigma_t^2: fixed_large (beta) | fixed_small "
+                            "(beta~)", choices=("fixed_large", "fixed_small"))
+    # U-Net (DiffuseVAE's setting: ~9.3 M parameters)
+    base_channels: int = setting(64, "U-Net channels at full resolution", ge=1)
+    channel_mult: tuple = setting((1, 2, 2, 2), "channel multiplier per resolution level (each level halves "
+                                                "the size)", ge=1)
+    num_res_blocks: int = setting(2, "residual blocks per level", ge=1)
+    dropout: float = setting(0.3, "dropout probability in the residual blocks", ge=0, lt=1)
+    n_leaves: int = setting(0, "leaf conditioning: train.py sets the tree's leaf count; 0 turns it off (an "
+                               "ablation)", choices=(0,))
+    cond_image: bool = setting(True, "concatenate the TreeVAE image x_hat to x_t (false: no image conditioning)")
+    # optimisation (Adam, as DiffuseVAE)
+    lr: float = setting(2e-4, "Adam learning rate (after the warm-up)", gt=0)
+    warmup: int = setting(5000, "steps of linear learning-rate warm-up", ge=0)
+    grad_clip: float = setting(1.0, "max global gradient norm; 0: no clipping", ge=0)
+    ema_decay: float = setting(0.9999, "decay of the weights' exponential moving average (sampled with)", ge=0, lt=1)
+    batch_size: int = setting(256, "images per step", ge=1)
+    epochs: int = setting(1000, "epochs over the training split", ge=0)
+    max_steps: int = setting(0, "stop after this many optimiser steps; 0: no limit besides --ddpm-epochs", ge=0)
+    # sampling: the figures' and FID's DDIM settings in train.py, and sample.py's defaults (saved in ddpm.pt)
+    ddim_steps: int = setting(100, "DDIM steps (--sampler ddim; at most T)", ge=1)
+    ddim_eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 = ancestral with the fixed-small variance "
+                                   "(--sampler ddim)", ge=0, le=1)
 
 
 # Presets are named configs; ddpm_config fills in the data set's shape and the tree's leaf count.
@@ -103,6 +111,19 @@ def ddpm_config(dataset="mnist", preset="paper", n_leaves=0):
     C, size = shapes[name]
     return dataclasses.replace(PRESETS[preset], dataset=name, image_channels=C, image_size=size,
                                n_leaves=int(n_leaves))
+
+
+def check(cfg):
+    """Refuse a config whose noise schedule cannot work (DDPMError, one line; train.py calls it while parsing): the
+    linear schedule scales beta_1, beta_T by 1000/T, and every beta must stay below 1 (alpha_t = 1 - beta_t > 0,
+    else sqrt(alpha_bar) is NaN), so a short T needs smaller betas (the smoke preset's T = 50 gives beta_T = 0.4)."""
+    top = max(cfg.beta_1, cfg.beta_T) * 1000 / cfg.T
+    if cfg.schedule == "linear" and top >= 1:
+        raise DDPMError(f"the linear schedule with T = {cfg.T} scales beta up to {max(cfg.beta_1, cfg.beta_T):g} x "
+                        f"1000/{cfg.T} = {top:g}, but every beta must be < 1: raise T above "
+                        f"{math.floor(1000 * max(cfg.beta_1, cfg.beta_T))}, lower beta_1/beta_T or use the cosine "
+                        f"schedule")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- the diffusion process

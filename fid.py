@@ -38,7 +38,6 @@ Run:  python fid.py --real-vs-real --dataset fashion_mnist --root ../shared/data
       python fid.py --run runs/mnist --dataset mnist --split test                    (score RUN/samples.npz)
       python fid.py --help
 """
-import argparse
 import contextlib
 import hashlib
 import os
@@ -620,12 +619,12 @@ def _load_npz(path, key):
     return a.unsqueeze(1) if key == "images" and a.ndim == 3 else a
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="FID with a bootstrap interval; prints one result line.",
-                                epilog="examples:\n  python fid.py --real-vs-real --dataset fashion_mnist "
-                                       "--root ../shared/data\n  python fid.py --gen samples.npz --dataset mnist "
-                                       "--split test\n  python fid.py --gen-feats a.npz --ref-feats b.npz",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    """fid.py's command line."""
+    p = data.Parser(prog="fid.py", description="FID with a bootstrap interval; prints one result line.",
+                    epilog="examples:\n  python fid.py --real-vs-real --dataset fashion_mnist --root ../shared/data"
+                           "\n  python fid.py --gen samples.npz --dataset mnist --split test\n  python fid.py "
+                           "--gen-feats a.npz --ref-feats b.npz")
     p.add_argument("--run", help="run folder: scores RUN/samples.npz (key 'images', (N, C, H, W) uint8)")
     p.add_argument("--gen", help=".npz of generated images, key 'images': (N, C, H, W) uint8 or floats in [0, 1]")
     p.add_argument("--ref", help=".npz of reference images (key 'images'); default: --dataset's --split")
@@ -634,25 +633,36 @@ def main(argv=None):
     p.add_argument("--real-vs-real", action="store_true",
                    help="the floor: N random --dataset train images against the --split images")
     p.add_argument("--dataset", help="mnist | fashion_mnist | cifar10: reference set and offline extractor")
-    p.add_argument("--split", default="test", choices=["test", "train"], help="reference split (default test)")
-    p.add_argument("--root", default="data", help="data folder for data.load (default data)")
-    p.add_argument("--n", type=int, help="use the first N generated images (real-vs-real: N train images)")
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="the reference images: --dataset's test or train split")
+    p.add_argument("--root", default="data", help="data folder for data.load")
+    p.add_argument("--n", type=data.Range(int, ge=2), help="use the first N generated images (real-vs-real: N train "
+                   "images; a covariance needs two); default all")
     p.add_argument("--extractor", default="offline", choices=["offline", "inception", "tf-inception"],
                    help="offline: CNN trained on --dataset (no download); inception: torchvision weights; "
-                        "tf-inception: TF-FID weights (paper-comparable). Default offline")
-    p.add_argument("--cache-dir", default="cache", help="where the offline extractor is cached (default cache)")
-    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200; 0 = none). Each "
-                   "costs two 2048x2048 eigh + one SVD with Inception: ~0.5 s on an H100, minutes on a CPU")
+                        "tf-inception: TF-FID weights (paper-comparable)")
+    p.add_argument("--cache-dir", default="cache", help="where the offline extractor is cached")
+    p.add_argument("--n-boot", type=data.Range(int, ge=2, off=0), default=200, help="bootstrap resamples, 0: no "
+                   "interval. Each costs two 2048x2048 eigh + one SVD with Inception: ~0.5 s on an H100, minutes on "
+                   "a CPU")
     p.add_argument("--fid-inf", action="store_true", help="also print FID_inf (Chong & Forsyth 2020)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of subsets (default 0)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per feature batch (default 100)")
+    p.add_argument("--seed", type=data.Range(int, ge=0), default=0, help="seed of the bootstrap and of subsets")
+    p.add_argument("--batch-size", type=data.Range(int, ge=1), default=100, help="images per feature batch")
+    p.add_argument("--threads", type=data.Range(int, ge=0), default=0, help="CPU threads of torch's kernels "
+                   "(torch.set_num_threads), set before any work; 0: torch's choice")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the extractor runs (default cuda if available, else cpu)")
+                   help="where the extractor runs: cpu | cuda | cuda:N | mps (default: cuda if there is one)")
     p.add_argument("--save-feats", metavar="PREFIX", help="write PREFIX_gen.npz and PREFIX_ref.npz (features)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr)
     warnings.showwarning = lambda msg, *args, **kw: log(f"warning: {msg}")
     try:
+        a = parser().parse_args(argv)                    # a bad option: data.UsageError, one line below
+        if a.threads:
+            torch.set_num_threads(a.threads)             # before any work
         a.device = data.device(a.device)                 # a one-line error for a bad or absent device
         if sum(bool(s) for s in (a.run, a.gen, a.gen_feats, a.real_vs_real)) != 1:
             raise FIDError("give exactly one of --run, --gen, --gen-feats, --real-vs-real (see --help)")

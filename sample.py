@@ -20,12 +20,12 @@ in tv.leaves); leaf_probs (n, n_leaves); L = n_leaves. Pixel ranges are converte
     python sample.py --run runs/mnist --all-leaves     rows: root samples; columns: leaves; TreeVAE over refined
     python sample.py --run runs/mnist --recons         test images: original, TreeVAE reconstruction, refined
     python sample.py --run runs/mnist --stage treevae  stage 1 alone (no ddpm.pt needed)
-    python sample.py --run runs/mnist --sampler ddim   DDIM, 100 steps: ~10x faster than the default ancestral
-                                                       sampler (the authors', all T steps), less robust (README)
+    python sample.py --run runs/mnist --sampler ddim   DDIM with the run's ddim_steps (100 but in the smoke preset):
+                                                       ~10x faster than the default ancestral sampler (the
+                                                       authors', all T steps), less robust (README)
 Each call writes a PNG grid and an .npz beside it (key 'images': uint8 (N, C, H, W); `python fid.py --gen`
 scores it). train.py calls make_figures (tree.png, samples.png/.npz, all_leaves.png) and compute_fid.
 """
-import argparse
 import dataclasses
 import math
 import os
@@ -43,6 +43,7 @@ import data
 import ddpm
 import train
 import treevae
+from data import setting
 
 
 class SampleError(data.DataError):
@@ -50,27 +51,29 @@ class SampleError(data.DataError):
     `error: ...` handler also catches it when it calls make_figures."""
 
 
-def _field(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})   # the help text of the generated flag
-
-
 @dataclass
 class SampleConfig:
-    run: str = _field("runs/mnist", "run folder holding treevae.pt (and ddpm.pt), written by train.py")
-    leaf: int = _field(-1, "-1: draw each sample's leaf from P(l | z_0); K: every sample from leaf K")
-    n: int = _field(0, "images (root samples = rows for --all-leaves); 0: 64, 8 for --all-leaves, "
-                       "16 for --recons")
-    sampler: str = _field("ddpm", "ddpm (the authors' ancestral sampler, all T steps) or ddim (Song et al., "
-                                  "--steps steps, deterministic for eta 0: faster, less robust on a short run)")
-    steps: int = _field(100, "DDIM steps (at most the DDPM's T); --sampler ddim only")
-    eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance")
-    all_leaves: bool = _field(False, "one root sample and one noise per row, refined at every leaf")
-    stage: str = _field("diffusion", "diffusion (refined by the DDPM) or treevae (stage-1 images, no DDPM)")
-    recons: bool = _field(False, "refine the argmax-leaf reconstructions of real test images")
-    seed: int = _field(0, "seed of z_0, the leaves, the noise and the test images picked")
-    out: str = _field("", "PNG path; default <run>/samples_<mode>[_treevae|_ddim].png; the .npz goes beside it")
-    device: str = _field("auto", "auto | cuda | mps | cpu")
-    data_dir: str = _field("", "test images for --recons; default: the data_dir the run was trained with")
+    run: str = setting("runs/mnist", "run folder holding treevae.pt (and ddpm.pt), written by train.py")
+    leaf: int = setting(-1, "-1: draw each sample's leaf from P(l | z_0); K: every sample from leaf K", ge=-1)
+    n: int = setting(0, "images (root samples = rows for --all-leaves); 0: 64, 8 for --all-leaves, 16 for --recons",
+                     ge=0)
+    sampler: str = setting("ddpm", "ddpm (the authors' ancestral sampler, all T steps) | ddim (Song et al., --steps "
+                                   "steps, deterministic for eta 0: faster, less robust on a short run)",
+                           choices=("ddpm", "ddim"))
+    # None: the run's own DDIM settings (train.py --ddpm-ddim-steps / --ddpm-ddim-eta, saved in ddpm.pt)
+    steps: int = setting(None, "DDIM steps (at most the DDPM's T; --sampler ddim only); default: the run's "
+                               "ddim_steps", kind=int, ge=1)
+    eta: float = setting(None, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance; "
+                               "default: the run's ddim_eta", kind=float, ge=0, le=1)
+    all_leaves: bool = setting(False, "one root sample and one noise per row, refined at every leaf")
+    stage: str = setting("diffusion", "diffusion (refined by the DDPM) | treevae (stage-1 images, no DDPM)",
+                         choices=("diffusion", "treevae"))
+    recons: bool = setting(False, "refine the argmax-leaf reconstructions of real test images")
+    seed: int = setting(0, "seed of z_0, the leaves, the noise and the test images picked", ge=0)
+    out: str = setting("", "PNG path; default <run>/samples_<mode>[_treevae|_ddim].png; the .npz goes beside it")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
+    threads: int = setting(0, "CPU threads of torch's kernels (torch.set_num_threads); 0: torch's choice", ge=0)
+    data_dir: str = setting("", "test images for --recons; default: the data_dir the run was trained with")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,11 +347,20 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
 # ---------------------------------------------------------------------------------------------------------------
 # What train.py calls
 
-def _stage_config(m, steps, **kw):
-    """A SampleConfig for the run's models: refine when a DDPM exists, DDIM steps capped at its T."""
+def with_run_defaults(m, cfg):
+    """cfg with the DDIM settings the run was trained with (ddpm.pt's ddim_steps, ddim_eta: train.py's
+    --ddpm-ddim-steps, --ddpm-ddim-eta) where it leaves them None, the steps capped at the DDPM's T. Without a
+    DDPM nothing is refined and cfg is returned as it is."""
+    if m.unet is None:
+        return cfg
+    steps, eta = m.unet.cfg.ddim_steps if cfg.steps is None else cfg.steps, cfg.eta
+    return dataclasses.replace(cfg, steps=min(steps, m.unet.cfg.T), eta=m.unet.cfg.ddim_eta if eta is None else eta)
+
+
+def _stage_config(m, steps=None, eta=None, **kw):
+    """A SampleConfig for the run's models: refine when a DDPM exists; DDIM settings as with_run_defaults."""
     stage = "diffusion" if m.unet is not None else "treevae"
-    steps = min(steps, m.unet.cfg.T) if m.unet is not None else steps
-    return SampleConfig(stage=stage, steps=steps, **kw)
+    return with_run_defaults(m, SampleConfig(stage=stage, steps=steps, eta=eta, **kw))
 
 
 def sampler_name(m, cfg):
@@ -361,14 +373,15 @@ def _generator(device, seed):
     return torch.Generator(torch.device(device)).manual_seed(seed)
 
 
-def make_figures(run_dir, device="cpu", steps=100, metrics=None, n=64, rows=4, seed=0, sampler="ddpm"):
+def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, seed=0, sampler="ddpm", eta=None):
     """<run>/tree.png, all_leaves.png, samples.png (+ samples.npz for fid.py --run): refined images when the run
-    has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']."""
+    has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']. DDIM steps
+    and eta: the run's own (with_run_defaults) unless given."""
     m = load_run(run_dir, device)
     if m.unet is None:                                    # a stage-1 run; or a ddpm.pt that does not fit (say why)
         stale = os.path.exists(os.path.join(run_dir, "ddpm.pt"))
         print(f"note: {m.ddpm_problem if stale else 'no ddpm.pt yet'}; the figures show TreeVAE images only")
-    cfg, g = _stage_config(m, steps, sampler=sampler), _generator(device, seed)
+    cfg, g = _stage_config(m, steps, eta, sampler=sampler), _generator(device, seed)
     x_hat, x, _ = all_leaves(m, rows, cfg, g)                          # (rows, L, C, H, W)
     final = data.to_uint8(x_hat) if x is None else data.to_uint8(x, signed=True)
     tvm = (metrics or {}).get("treevae") or {}
@@ -387,15 +400,15 @@ def make_figures(run_dir, device="cpu", steps=100, metrics=None, n=64, rows=4, s
           f"samples.png/.npz ({n} {what} samples" + (f", {sampler_name(m, cfg)})" if x is not None else ")"))
 
 
-def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=100, cache_dir="cache", how="argmax",
-                n_boot=200, batch=None, sampler="ddpm"):
+def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=None, cache_dir="cache", how="argmax",
+                n_boot=200, batch=None, sampler="ddpm", eta=None):
     """FID (fid.py's offline extractor, trained on the data set's training labels) of n generations against the
     test split, for the TreeVAE images of the `how` leaf (SPEC 6: argmax) and for their refinements (the
     same z_0 and leaves, so the pair isolates what stage 2 adds). Returns {'fid': {...}} for metrics.json."""
     import fid                                                   # only needed here
     device = torch.device(device)
     m = load_run(run_dir, device)
-    cfg, g = _stage_config(m, steps, sampler=sampler), _generator(device, 0)
+    cfg, g = _stage_config(m, steps, eta, sampler=sampler), _generator(device, 0)
     batch = batch or (500 if device.type == "cuda" else 64)
     x_hat, x, leaf = sample(m, n, how, cfg, g, batch=batch)
     extractor = fid.offline_extractor(m.dataset, root=data_dir, cache_dir=cache_dir, device=device)
@@ -417,14 +430,12 @@ def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=100, cache_dir=
 # Command line
 
 def run(cfg):
-    """One sampling call of the command line: check the request, load, generate, save, say what was written."""
-    if cfg.sampler not in ("ddim", "ddpm") or cfg.stage not in ("diffusion", "treevae"):
-        raise SampleError(f"--sampler must be ddim|ddpm and --stage diffusion|treevae "
-                          f"(got {cfg.sampler!r}, {cfg.stage!r})")
+    """One sampling call of the command line (each value already in its range and choices): check the request,
+    load, generate, save, say what was written."""
     if cfg.all_leaves and (cfg.recons or cfg.leaf >= 0):
         raise SampleError("--all-leaves shows every leaf: drop --leaf and --recons, or drop --all-leaves")
-    if cfg.n < 0 or cfg.steps < 1:
-        raise SampleError(f"--n must be >= 0 and --steps >= 1 (got {cfg.n}, {cfg.steps})")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)                      # --threads: before any work
     device, _ = train.setup_device(cfg.device)                  # the one hardware block lives in train.py
     torch.manual_seed(cfg.seed)
     m = load_run(cfg.run, device)
@@ -434,9 +445,10 @@ def run(cfg):
                           f"(or -1 to draw the leaf)")
     if cfg.stage == "diffusion" and m.unet is None:
         raise SampleError(m.ddpm_problem)
-    if m.unet is not None and cfg.sampler == "ddim" and cfg.steps > m.unet.cfg.T:
-        print(f"note: --steps {cfg.steps} > the DDPM's T = {m.unet.cfg.T}; using {m.unet.cfg.T}")
-        cfg = dataclasses.replace(cfg, steps=m.unet.cfg.T)
+    steps = cfg.steps or (m.unet.cfg.ddim_steps if m.unet is not None else None)     # --steps, else the run's
+    if m.unet is not None and cfg.sampler == "ddim" and steps > m.unet.cfg.T:
+        print(f"note: {steps} DDIM steps > the DDPM's T = {m.unet.cfg.T}; using {m.unet.cfg.T}")
+    cfg = with_run_defaults(m, cfg)
     g, how = _generator(device, cfg.seed), cfg.leaf if cfg.leaf >= 0 else "sample"
     mode = "all_leaves" if cfg.all_leaves else "recons" if cfg.recons else f"leaf{cfg.leaf}" if cfg.leaf >= 0 \
         else "sampled"
@@ -479,17 +491,19 @@ def run(cfg):
     return out
 
 
+def parser():
+    """sample.py's command line: one flag per SampleConfig field."""
+    p = data.Parser(
+        prog="sample.py", description="Sample Diffuse-TreeVAE: root sample -> leaf -> TreeVAE image -> DDPM "
+        "refinement.\nWrites a PNG grid and an .npz (key 'images', uint8 (N, C, H, W)) beside it.",
+        epilog="examples:\n  python sample.py --run runs/mnist --leaf 5\n  python sample.py --run runs/mnist "
+               "--all-leaves --n 4\n  python sample.py --run runs/mnist --recons --stage treevae")
+    data.add_flags(p, SampleConfig)                             # one flag per field, as train.py's
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Sample Diffuse-TreeVAE: root sample -> leaf -> TreeVAE image -> DDPM refinement. Writes a "
-                    "PNG grid and an .npz (key 'images', uint8 (N, C, H, W)) beside it.",
-        epilog="examples: python sample.py --run runs/mnist --leaf 5 | python sample.py --run runs/mnist "
-               "--all-leaves --n 4 | python sample.py --run runs/mnist --recons --stage treevae")
-    train.add_flags(p, SampleConfig)                            # one flag per field, as train.py's
-    helps = {f.name: f"{f.metadata['help']} (default: {f.default!r})" for f in dataclasses.fields(SampleConfig)}
-    for action in p._actions:                                   # attach each field's help text to its flag
-        action.help = helps.get(action.dest, action.help)
-    cfg = SampleConfig(**train.overrides(p.parse_args(argv), SampleConfig))
+    cfg = SampleConfig(**data.overrides(parser().parse_args(argv), SampleConfig))
     return run(cfg)
 
 

@@ -19,7 +19,6 @@ Run folder (default runs/<dataset>): treevae.pt, ddpm.pt (self-contained, writte
 end, every `ckpt_every` DDPM steps and on Ctrl-C), metrics.json, tree.png and sample grids. A checkpoint holds
 the phase, epoch and batch reached, so --resume continues exactly (same batches, same RNG state).
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -36,30 +35,42 @@ import torch
 import data
 import ddpm
 import treevae
+from data import setting
 
 
 @dataclass
 class RunConfig:
-    dataset: str = "mnist"
-    data_dir: str = "data"
-    preset: str = "paper"              # paper | fast | smoke (treevae.treevae_config, ddpm.ddpm_config)
-    out: str = ""                      # run folder; default runs/<dataset>
-    stage: str = "all"                 # treevae | ddpm | all
-    resume: bool = False
-    device: str = "auto"               # auto | cuda | mps | cpu
-    compile: bool = False              # torch.compile the models' forward (checkpoints keep clean keys)
-    precision: str = "auto"            # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
-    seed: int = 0
-    restarts: int = 1                  # stage 1 this many times side by side (seeds seed, seed+1, ...); keep the
-                                       # tree with the lowest validation -ELBO (no labels involved)
-    log_every: int = 50                # optimisation steps between progress lines (the only host syncs)
-    ckpt_every: int = 2000             # DDPM steps between checkpoints
-    graphs: bool = False               # CUDA only: capture each TreeVAE training step as a CUDA graph
-    plan: bool = True                  # print the predicted wall time of every phase before training
-    max_steps: int = 0                 # stop (saving a checkpoint) after this many steps in this call; 0 = no limit
-    fid_samples: int = 0               # >0: FID of that many generations (offline extractor) at the end
-    sampler: str = "ddpm"              # figures and FID: ddpm (the authors' ancestral sampler, all T steps) | ddim
-    sample_steps: int = 100            # DDIM steps for the figures and FID (--sampler ddim)
+    dataset: str = setting("mnist", "data set: mnist | fashion_mnist (or fashion-mnist, fmnist) | cifar10")
+    data_dir: str = setting("data", "folder holding the data files (missing ones are downloaded into it)")
+    preset: str = setting("paper", "schedule and model size (treevae.treevae_config, ddpm.ddpm_config): paper (the "
+                          "authors') | fast (~7x shorter) | smoke (tiny models, for tests)",
+                          choices=("paper", "fast", "smoke"))
+    out: str = setting("", "run folder; default runs/<dataset>")
+    stage: str = setting("all", "what to train: treevae (stage 1) | ddpm (stage 2, on the finished stage 1 in --out) "
+                         "| all (both)", choices=("treevae", "ddpm", "all"))
+    resume: bool = setting(False, "continue the run in --out where it stopped, with the configuration it saved")
+    device: str = setting("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps")
+    threads: int = setting(0, "CPU threads of torch's kernels (torch.set_num_threads), set before any work; 0: "
+                              "torch's choice (one per core; on a busy machine 1 can be much faster)", ge=0)
+    compile: bool = setting(False, "torch.compile the models' forward (checkpoints keep clean keys)")
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32",
+                             choices=("auto", "bf16", "fp32"))
+    seed: int = setting(0, "seed of the weights, the batches and the sampling", ge=0)
+    restarts: int = setting(1, "stage 1 this many times side by side (seeds seed, seed+1, ...), keeping the tree "
+                               "with the lowest validation -ELBO (no labels involved)", ge=1)
+    log_every: int = setting(50, "optimisation steps between progress lines (the only host syncs)", ge=1)
+    ckpt_every: int = setting(2000, "DDPM steps between checkpoints (one is also written every epoch)", ge=1)
+    graphs: bool = setting(False, "CUDA only: capture each TreeVAE training step as a CUDA graph")
+    plan: bool = setting(True, "print the predicted wall time of every phase before training")
+    max_steps: int = setting(0, "stop (saving a checkpoint) after this many optimisation steps in this call; "
+                                "0: no limit", ge=0)
+    fid_samples: int = setting(0, "FID of this many generated images (offline extractor) at the end; 0: no FID "
+                                  "(a covariance needs >= 2 images)", ge=2, off=0)
+    # The DDIM settings of the figures and the FID are the DDPM's own (--ddpm-ddim-steps, --ddpm-ddim-eta): they
+    # are saved in ddpm.pt, so sample.py defaults to the settings the run used; a second flag here would be a
+    # second source of truth.
+    sampler: str = setting("ddpm", "sampler of the figures and the FID: ddpm (the authors' ancestral sampler, all "
+                                   "T steps) | ddim (--ddpm-ddim-steps steps)", choices=("ddpm", "ddim"))
 
 
 class Stop(Exception):
@@ -69,53 +80,48 @@ class Stop(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration: one dataclass per stage, flags generated from the fields.
 
-def add_flags(parser, cls, prefix=""):
-    """One --flag per dataclass field (prefix 'treevae-' / 'ddpm-' for the stage configs); default None means
-    'keep the preset's value', so only the flags a user gives override anything."""
-    for f in dataclasses.fields(cls):
-        name, kind = "--" + prefix + f.name.replace("_", "-"), type(f.default)
-        if kind is bool:
-            parser.add_argument(name, type=parse_bool, default=None, nargs="?", const=True, metavar="BOOL")
-        elif kind is tuple:
-            parser.add_argument(name, type=int, nargs="+", default=None)
-        else:
-            parser.add_argument(name, type=kind, default=None, metavar=kind.__name__.upper())
-
-
-def parse_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def overrides(args, cls, prefix=""):
+def preset_defaults(make):
+    """{field: default text} of a stage config: make(dataset, preset)'s value for mnist and the paper preset, then
+    where another preset (on mnist) or data set (with the paper preset) differs, e.g. '150 (fast 24, smoke 1)'."""
+    base = make("mnist", "paper")
+    variants = [(p, make("mnist", p)) for p in ("fast", "smoke")] + \
+               [(d, make(d, "paper")) for d in ("fashion_mnist", "cifar10")]
     out = {}
-    for f in dataclasses.fields(cls):
-        v = getattr(args, (prefix + f.name).replace("-", "_"))
-        if v is not None:
-            out[f.name] = tuple(v) if isinstance(f.default, tuple) else v
+    for f in dataclasses.fields(base):
+        v = getattr(base, f.name)
+        other = [f"{label} {data.flag_text(getattr(c, f.name))}" for label, c in variants if getattr(c, f.name) != v]
+        out[f.name] = data.flag_text(v) + (f" ({', '.join(other)})" if other else "")
     return out
 
 
+def parser():
+    """train.py's command line: one flag per user setting of RunConfig, TreeVAEConfig and DDPMConfig."""
+    p = data.Parser(prog="train.py", usage="python train.py [--dataset NAME] [--preset paper|fast|smoke] "
+                    "[--stage treevae|ddpm|all] [--resume] [options]",
+                    description="Train Diffuse-TreeVAE (stage 1 TreeVAE, stage 2 leaf-conditioned DDPM).\n"
+                    "Every option has a default; the --treevae-* and --ddpm-* ones override the preset's value.")
+    data.add_flags(p.add_argument_group("the run"), RunConfig)
+    data.add_flags(p.add_argument_group("stage 1, the TreeVAE (treevae.TreeVAEConfig)"), treevae.TreeVAEConfig,
+                   "treevae-", preset_defaults(treevae.treevae_config))
+    dcfg_defaults = preset_defaults(ddpm.ddpm_config)
+    dcfg_defaults["n_leaves"] = "the tree's leaf count"                 # ddpm_config's 0 is filled in by main
+    data.add_flags(p.add_argument_group("stage 2, the DDPM (ddpm.DDPMConfig)"), ddpm.DDPMConfig, "ddpm-",
+                   dcfg_defaults)
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train Diffuse-TreeVAE (stage 1 TreeVAE, stage 2 leaf-conditioned DDPM).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flags(p, RunConfig)
-    add_flags(p, treevae.TreeVAEConfig, "treevae-")
-    add_flags(p, ddpm.DDPMConfig, "ddpm-")
-    args = p.parse_args(argv)
-    run = RunConfig(**overrides(args, RunConfig))
+    """(RunConfig, TreeVAEConfig, {DDPMConfig field: value given}) of a command line. Every value is checked here,
+    before any time is spent: ranges and choices by the parser, the DDPM's noise schedule by ddpm.check."""
+    args = parser().parse_args(argv)
+    run = RunConfig(**data.overrides(args, RunConfig))
     run.dataset = data.canonical_name(run.dataset)
     run.out = run.out or os.path.join("runs", run.dataset)
-    if run.stage not in ("treevae", "ddpm", "all") or run.preset not in ("paper", "fast", "smoke"):
-        raise data.DataError(f"--stage must be treevae|ddpm|all and --preset paper|fast|smoke")
-    if run.sampler not in ("ddpm", "ddim"):
-        raise data.DataError(f"--sampler must be ddpm or ddim (got {run.sampler!r})")
     tv_cfg = dataclasses.replace(treevae.treevae_config(run.dataset, run.preset),
-                                 **overrides(args, treevae.TreeVAEConfig, "treevae-"))
-    return run, tv_cfg, overrides(args, ddpm.DDPMConfig, "ddpm-")
+                                 **data.overrides(args, treevae.TreeVAEConfig, "treevae-"))
+    ddpm_overrides = data.overrides(args, ddpm.DDPMConfig, "ddpm-")
+    ddpm.check(dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset), **ddpm_overrides))
+    return run, tv_cfg, ddpm_overrides
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -605,14 +611,16 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
 
 def fit_restarts(run, argv):
     """Stage 1 `run.restarts` times as child processes side by side (seeds seed, seed + 1, ...; each on its share of
-    the CPU threads; folders <out>/restart_<k>, logs beside them), then keep the tree with the lowest validation
-    -ELBO at the end of fine-tuning. On the MNIST subset's `fast` runs this criterion ranked four seeds exactly as
-    their test NMI did (README). Returns a summary for metrics.json; the chosen treevae.pt is copied to <out>."""
+    the CPU threads, --threads or torch's count; folders <out>/restart_<k>, logs beside them), then keep the tree
+    with the lowest validation -ELBO at the end of fine-tuning. On the MNIST subset's `fast` runs this criterion
+    ranked four seeds exactly as their test NMI did (README). Returns a summary for metrics.json; the chosen
+    treevae.pt is copied to <out>."""
     threads = max(1, torch.get_num_threads() // run.restarts)
     procs, outs = [], [os.path.join(run.out, f"restart_{k}") for k in range(run.restarts)]
     for k, out_k in enumerate(outs):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--restarts", "1", "--seed", str(run.seed + k),
-               "--out", out_k, "--stage", "treevae", "--plan", "false", "--fid-samples", "0"]
+               "--out", out_k, "--stage", "treevae", "--plan", "false", "--fid-samples", "0",
+               "--threads", str(threads)]                  # overrides a --threads in argv: the share, not all
         log = open(out_k + ".log", "a")
         print(f"[restarts] {k}: seed {run.seed + k} -> {out_k} (log {out_k}.log, {threads} thread(s))", flush=True)
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -658,6 +666,8 @@ def finished_stage1(run, tv_path, tv_ckpt):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     run, tv_cfg, ddpm_overrides = parse_args(argv)
+    if run.threads:
+        torch.set_num_threads(run.threads)              # --threads: before any work (default: torch's choice)
     torch.manual_seed(run.seed)
     device, autocast = setup_device(run.device, run.precision)
     images, labels = data.load(run.dataset, "train", run.data_dir)
@@ -667,11 +677,14 @@ def main(argv=None):
     tv_ckpt = load_checkpoint(tv_path)
     if run.resume and tv_ckpt is not None:              # a resumed run keeps the schedule it was started with
         tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
+        if tv_cfg.dataset != run.dataset:               # same image shape or not: the tree learnt other data
+            raise data.DataError(f"{tv_path} was trained on {tv_cfg.dataset}, not {run.dataset}: resume it with "
+                                 f"--dataset {tv_cfg.dataset}, or give another --out")
         print(f"--resume: using the TreeVAE configuration saved in {tv_path}")
     train_idx, val_idx = data.train_val_split(len(images), tv_cfg.val_fraction, seed=0)
     print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
-          f"device {device}")
+          f"device {device}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""))
     if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
         finished_stage1(run, tv_path, tv_ckpt)
     if run.plan and not run.resume:
@@ -680,7 +693,7 @@ def main(argv=None):
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
         plan(saved.cfg if saved else tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
              tree=run.stage != "ddpm", fid_samples=run.fid_samples,
-             sample_steps=None if run.sampler == "ddpm" else run.sample_steps,
+             sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim" else None,
              n_leaves=saved.n_leaves if saved else None)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     metrics_path = os.path.join(run.out, "metrics.json")
@@ -710,15 +723,18 @@ def main(argv=None):
     if run.stage in ("ddpm", "all"):
         dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
         ddpm_path = os.path.join(run.out, "ddpm.pt")
-        if run.resume and os.path.exists(ddpm_path):     # keep the DDPM configuration it was started with
-            dcfg = ddpm.DDPMConfig(**torch.load(ddpm_path, map_location="cpu", weights_only=True)["config"])
+        if run.resume and os.path.exists(ddpm_path):     # keep the DDPM configuration it was started with ...
+            saved = ddpm.DDPMConfig(**torch.load(ddpm_path, map_location="cpu", weights_only=True)["config"])
+            # ... but for the DDIM settings: they train nothing, and the figures and FID below sample with them
+            dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items() if k.startswith("ddim_")})
         print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
         train_ddpm(run, dcfg, tv, device, autocast, images[train_idx])
     import sample                                                  # figures: tree.png and sample grids
-    sample.make_figures(run.out, device=device, steps=run.sample_steps, metrics=metrics, sampler=run.sampler)
+    # DDIM steps and eta: those saved in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults
+    sample.make_figures(run.out, device=device, metrics=metrics, sampler=run.sampler)
     if run.fid_samples:
         metrics.update(sample.compute_fid(run.out, run.fid_samples, device=device, data_dir=run.data_dir,
-                                          steps=run.sample_steps, sampler=run.sampler))
+                                          sampler=run.sampler))
     json.dump(metrics, open(metrics_path, "w"), indent=1)
     print(f"wrote {metrics_path}")
 

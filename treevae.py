@@ -39,44 +39,60 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import setting
+
 VERSION = 2  # bump when the checkpoint layout changes
 
 
 @dataclass
 class TreeVAEConfig:
-    dataset: str = "mnist"
-    in_channels: int = 1
-    image_size: int = 28
-    likelihood: str = "bernoulli"      # 'bernoulli' (BCE on [0,1] targets) or 'gaussian' (sum of squared errors)
-    latent_channels: int = 16          # latent per node: 16 x 2 x 2 on MNIST (SPEC 3)
-    latent_size: int = 2
-    bottom_up_channels: int = 32       # bottom-up features: 32 x 2 x 2
-    encoder_arch: str = "authors"      # 28 x 28 inputs: 'authors' (large kernels, SPEC 3) | 'fast' (pixel unshuffle)
-    decoder_arch: str = "fast"         # 28 x 28 inputs: 'fast' (ours, pixel shuffle) | 'authors' (transposed convs)
-    decoder_channels: int = 16         # decoder width (its 7 x 7 convs dominate the FLOPs: 16 keeps ~1.0 M params at 10 leaves)
-    activation: str = "swish"          # 'swish' or 'leaky_relu' (slope 0.3, the authors' FMNIST setting)
-    residual: bool = False             # skip connection in the bottom-up blocks (authors' res_connections: False)
-    spectral_norm: bool = True         # spectral norm on the encoder, the bottom-up chain and split-born heads (authors)
-    decoder_spectral_norm: bool = False  # spectral norm on the decoders' convolutions too (not the authors' code)
-    max_depth: int = 6
-    max_leaves: int = 10               # leaf budget: stop growing when n_eff reaches it
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    lr_decay_every: int = 100          # epochs; lr x lr_gamma (step decay, restarted every phase)
-    lr_gamma: float = 0.1
-    batch_size: int = 256
-    kl_start: float = 0.0              # alpha at the start of every phase ...
-    decay_kl: float = 0.001            # ... grows by this much per epoch, capped at 1
-    epochs_init: int = 150             # initial tree (root + 2 leaves)
-    epochs_subtree: int = 150          # each split: only the new subtree trains
-    epochs_intermediate: int = 80      # whole tree, after every `splits_per_retrain` splits
-    splits_per_retrain: int = 3
-    epochs_finetune: int = 200         # whole tree at the end
-    finetune_kl_ramp: bool = True      # fine-tuning ramps alpha to 1 over its epochs (authors); False: decay_kl
-    prune_threshold: float = 0.01      # prune leaves with < 1 % of the hard-assigned training samples
-    contrastive: bool = False          # CIFAR-10: two augmented views + InfoNCE/NT-Xent terms (weight below)
-    contrastive_weight: float = 100.0
-    val_fraction: float = 0.1          # validation split carved out of train (never the test set)
+    # flag=False: set by treevae_config from the data set (its image shape, and the latent map size that the
+    # encoders produce for it: 2 x 2 at 28 x 28, 4 x 4 at 32 x 32), not a user setting.
+    dataset: str = setting("mnist", "data set the config was made for", flag=False)
+    in_channels: int = setting(1, "image channels", flag=False)
+    image_size: int = setting(28, "image height = width, pixels", flag=False)
+    likelihood: str = setting("bernoulli", "decoder likelihood: bernoulli (BCE on [0, 1] targets) | gaussian (sum "
+                              "of squared errors)", choices=("bernoulli", "gaussian"))
+    latent_channels: int = setting(16, "latent channels per node (16 x 2 x 2 on MNIST)", ge=1)
+    latent_size: int = setting(2, "latent map height = width", flag=False)
+    bottom_up_channels: int = setting(32, "channels of the bottom-up features (32 x 2 x 2 on MNIST)", ge=1)
+    encoder_arch: str = setting("authors", "28 x 28 encoder: authors (large kernels) | fast (pixel unshuffle)",
+                                choices=("authors", "fast"))
+    decoder_arch: str = setting("fast", "28 x 28 decoder: fast (ours, pixel shuffle) | authors (transposed convs)",
+                                choices=("fast", "authors"))
+    decoder_channels: int = setting(16, "decoder width (its 7 x 7 convs dominate the FLOPs: 16 keeps ~1.0 M "
+                                        "parameters at 10 leaves; CIFAR-10's decoder divides it by 4)", ge=4)
+    activation: str = setting("swish", "swish | leaky_relu (slope 0.3, the authors' Fashion-MNIST setting)",
+                              choices=("swish", "leaky_relu"))
+    residual: bool = setting(False, "skip connections in the bottom-up blocks (the authors' res_connections: False)")
+    spectral_norm: bool = setting(True, "spectral norm on the encoder, the bottom-up chain and split-born heads "
+                                        "(the authors')")
+    decoder_spectral_norm: bool = setting(False, "spectral norm on the decoders' convolutions too (not the "
+                                                 "authors' code)")
+    max_depth: int = setting(6, "deepest level a leaf may reach (the root is level 0)", ge=1)
+    max_leaves: int = setting(10, "leaf budget: growing stops when the effective leaf count reaches it", ge=2)
+    lr: float = setting(1e-3, "Adam learning rate", gt=0)
+    weight_decay: float = setting(1e-5, "Adam weight decay (L2)", ge=0)
+    lr_decay_every: int = setting(100, "epochs between learning-rate decays (step decay, restarted every phase)",
+                                  ge=1)
+    lr_gamma: float = setting(0.1, "learning-rate factor at each decay", gt=0, le=1)
+    batch_size: int = setting(256, "images per step (batch norm needs 2)", ge=2)
+    kl_start: float = setting(0.0, "KL weight alpha at the start of every phase ...", ge=0, le=1)
+    decay_kl: float = setting(0.001, "... growing by this much per epoch, capped at 1", ge=0)
+    epochs_init: int = setting(150, "epochs of the initial tree (root + 2 leaves)", ge=0)
+    epochs_subtree: int = setting(150, "epochs of each split's new subtree (only it trains)", ge=0)
+    epochs_intermediate: int = setting(80, "epochs of the whole tree after every --treevae-splits-per-retrain "
+                                           "splits", ge=0)
+    splits_per_retrain: int = setting(3, "splits between two intermediate trainings of the whole tree", ge=1)
+    epochs_finetune: int = setting(200, "epochs of the whole tree at the end", ge=0)
+    finetune_kl_ramp: bool = setting(True, "fine-tuning ramps alpha to 1 over its epochs (the authors'); false: "
+                                           "--treevae-decay-kl per epoch")
+    prune_threshold: float = setting(0.01, "prune leaves holding less than this share of the hard-assigned "
+                                           "training samples", ge=0, lt=1)
+    contrastive: bool = setting(False, "CIFAR-10: two augmented views + InfoNCE/NT-Xent terms")
+    contrastive_weight: float = setting(100.0, "weight of the contrastive terms", ge=0)
+    val_fraction: float = setting(0.1, "share of the training split held out for validation (never the test "
+                                       "set)", gt=0, lt=1)
 
 
 def treevae_config(dataset: str, preset: str = "paper") -> TreeVAEConfig:

@@ -23,7 +23,7 @@ import treevae
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smoke preset (its T is 50: the default ancestral sampler takes 50 steps; 5 if a test picks DDIM), so that
 # a whole run takes seconds.
-SMOKE = ["--dataset", "mnist", "--preset", "smoke", "--device", "cpu", "--sample-steps", "5"]
+SMOKE = ["--dataset", "mnist", "--preset", "smoke", "--device", "cpu"]
 
 
 # ----------------------------------------------------------------------------- tiny data, scripts
@@ -193,6 +193,26 @@ def test_all_leaves_shares_root_sample_and_noise(run, monkeypatch):
         assert torch.equal(noise, calls[0][2]) and seed == calls[0][3]
 
 
+def test_ddim_settings_of_the_run_are_the_defaults(run, data_dir, tmp_path, capsys):
+    """--ddpm-ddim-steps / --ddpm-ddim-eta are saved in ddpm.pt and are the DDIM settings of sample.py (unless
+    --steps / --eta are given) and of train.py's figures (they used to be saved and ignored: 50-100 steps)."""
+    assert load(run / "ddpm.pt")["config"]["ddim_steps"] == ddpm.PRESETS["smoke"].ddim_steps == 5
+    out = ok(sample_cli(capsys, "--run", run, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "a.png")).stdout
+    assert "DDIM 5 steps, eta 0.0" in out and "note:" not in out, out
+    out = ok(sample_cli(capsys, "--run", run, "--sampler", "ddim", "--n", 2, "--steps", 3, "--eta", 0.5,
+                        "--out", tmp_path / "b.png")).stdout
+    assert "DDIM 3 steps, eta 0.5" in out, out
+    # train.py: a resumed, finished run redraws its figures with the DDIM settings given now, and saves them
+    again = tmp_path / "mnist"
+    shutil.copytree(run, again)
+    proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", again, "--stage", "ddpm", "--resume",
+                  "--sampler", "ddim", "--ddpm-ddim-steps", 4, "--ddpm-ddim-eta", 0.25))
+    assert "samples.png/.npz (64 refined samples, DDIM 4 steps, eta 0.25)" in proc.stdout, proc.stdout[-2000:]
+    assert load(again / "ddpm.pt")["config"]["ddim_steps"] == 4
+    out = ok(sample_cli(capsys, "--run", again, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "c.png")).stdout
+    assert "DDIM 4 steps, eta 0.25" in out, out
+
+
 def test_compute_fid_reports_both_stages(run, data_dir, tmp_path):
     with pytest.warns(UserWarning, match="rank-deficient"):          # 40 images < 128 features: said loudly
         res = sample.compute_fid(str(run), 40, "cpu", str(data_dir), steps=3, cache_dir=str(tmp_path),
@@ -332,14 +352,34 @@ def test_ddpm_stage_without_stage1_says_so_before_planning(data_dir, tmp_path):
     assert "plan:" not in proc.stdout
 
 
+def test_threads_option_sets_torch_threads(data_dir, tmp_path):
+    """--threads N: torch.set_num_threads(N) before any work (the data line says how many); without it torch's
+    choice (here OMP_NUM_THREADS=1)."""
+    for extra, threads in (([], 1), (["--threads", 3], 3)):
+        proc = cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", tmp_path / "empty", "--stage", "ddpm", *extra)
+        fails(proc, "train stage 1 first")
+        assert f"device cpu, {threads} thread(s)" in proc.stdout, proc.stdout
+
+
+def test_resume_on_other_data_is_refused(run, data_dir, tmp_path):
+    """A stage 1 resumed with another --dataset would go on training the saved tree on other images: refused."""
+    (tmp_path / "run").mkdir()
+    shutil.copy(run / "treevae.pt", tmp_path / "run" / "treevae.pt")
+    proc = cli("train.py", *SMOKE[2:], "--dataset", "fashion_mnist", "--data-dir", data_dir, "--out",
+               tmp_path / "run", "--resume")
+    fails(proc, "was trained on mnist, not fashion_mnist", "--dataset mnist")
+
+
 # ----------------------------------------------------------------------------- restarts
 def test_restarts_keep_the_lowest_validation_elbo(data_dir, tmp_path):
     """--restarts 2: two stage-1 runs (seeds 0, 1) as child processes; the run folder's treevae.pt is the one with
     the lower validation -ELBO, and metrics.json lists both (with their test NMI, reported but never used)."""
     out = tmp_path / "mnist"
     proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", out, "--stage", "treevae",
-                  "--restarts", 2))
+                  "--restarts", 2, "--threads", 2))
     assert "[restarts] validation -ELBO" in proc.stdout
+    for k in (0, 1):                                  # --threads 2 split between the two: one each, not two
+        assert "device cpu, 1 thread(s)" in (tmp_path / "mnist" / f"restart_{k}.log").read_text()
     runs = json.load(open(out / "metrics.json"))["treevae"]["restarts"]
     elbos = [r["val_elbo"] for r in runs["runs"]]
     assert [r["seed"] for r in runs["runs"]] == [0, 1] and runs["chosen"] == elbos.index(min(elbos))

@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import json
 import math
 import os
 import struct
@@ -298,10 +299,103 @@ def to_float(x_uint8, signed=False):
     return x * 2.0 - 1.0 if signed else x
 
 
-def to_uint8(x_float, signed=False):
-    """Inverse of to_float: round to the nearest level and clamp, so slightly-out-of-range outputs are fine."""
+def to_uint8(x_float, signed=False, source="the model"):
+    """Inverse of to_float: round to the nearest level and clamp, so slightly-out-of-range outputs are fine.
+    NaN or inf (a diverged model) raise NonFiniteError naming `source` (e.g. the checkpoint that made the images):
+    the clamp would turn them into black or white pixels that look like a result."""
+    check_finite(x_float, f"images made by {source}", "nothing was saved or scored: retrain or replace that model")
     x = (x_float + 1.0) / 2.0 if signed else x_float
     return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- run files and finite numbers
+# Every file a script reads back (checkpoints, metrics.json, .npz samples and features, cached extractors) goes
+# through one reader per type, so that a damaged file (an interrupted copy, a full disk) is one line naming the file
+# and the remedy, never a traceback. Files that depend on others record their fingerprints (see fingerprint).
+class NonFiniteError(DataError):
+    """NaN or inf where a result must be finite (a diverged model, a damaged file); one line: what, whose, remedy."""
+
+
+def check_finite(x, what, remedy):
+    """x itself if every value is finite, else NonFiniteError '<what>: k of n values are NaN or inf; <remedy>'.
+    One host sync: for results (images, features, metrics, checkpoints), never inside a training step."""
+    bad = int((~torch.isfinite(torch.as_tensor(x))).sum())
+    if bad:
+        raise NonFiniteError(f"{what}: {bad} of {torch.as_tensor(x).numel()} values are NaN or inf; {remedy}")
+    return x
+
+
+def nonfinite_tensor(tensors):
+    """The name of the first floating-point tensor of a state dict that holds NaN or inf, else None (one sync)."""
+    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return None
+    finite = torch.stack([tensors[k].isfinite().all() for k in names]).cpu()    # (n_tensors,) bool
+    return None if finite.all() else names[int((~finite).nonzero()[0])]
+
+
+def fingerprint(tensors):
+    """12 hex digits of a SHA-1 over a state dict's names and bytes. A file made from weights records their
+    fingerprint (ddpm.pt: treevae.pt's; metrics.json and samples.npz: both), so a reader can tell a stale file."""
+    h = hashlib.sha1()
+    for k, v in sorted(tensors.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def read_checkpoint(path, remedy, finite=()):
+    """The dict torch.save wrote at path, read safely (weights_only, tensors on the CPU), or a one-line DataError
+    '<cause>: <remedy>' for a missing, truncated or foreign file, or NaN/inf in one of the `finite` entries (state
+    dicts)."""
+    if not os.path.exists(path):
+        raise DataError(f"no {path}: {remedy}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message is a zip reader's or unpickler's; the cause is the file
+        raise DataError(f"cannot read {path} ({type(e).__name__}: damaged, e.g. an interrupted copy or a full "
+                        f"disk, or not written by this code): {remedy}") from None
+    if not isinstance(ckpt, dict):
+        raise DataError(f"{path} is not a checkpoint of this code: {remedy}")
+    for key in finite:
+        name = nonfinite_tensor(ckpt.get(key) or {})
+        if name:
+            raise NonFiniteError(f"{path} holds NaN/inf weights ({key} {name}): {remedy}")
+    return ckpt
+
+
+def read_json(path, remedy):
+    """The dict in a JSON file (metrics.json), or a one-line DataError for a damaged one."""
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError (a truncated file), UnicodeDecodeError
+        raise DataError(f"cannot read {path} ({type(e).__name__}: damaged or not JSON): {remedy}") from None
+    if not isinstance(out, dict):
+        raise DataError(f"{path} holds a JSON {type(out).__name__}, not the dict this code writes: {remedy}")
+    return out
+
+
+def write_json(path, obj):
+    """obj as JSON, written to a temporary name and renamed: an interrupted write never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_npz(path, remedy, need=()):
+    """Every array of an .npz file (numpy, no pickles), or a one-line DataError for a missing, damaged or foreign
+    file or one without the arrays named in `need`."""
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # OSError, BadZipFile (truncated), ValueError (pickled objects), zlib.error, ...
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: damaged or not an .npz"
+        raise DataError(f"cannot read {path} ({why}): {remedy}") from None
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise DataError(f"{path} has no array '{missing[0]}' (it has {', '.join(arrays) or 'none'}): {remedy}")
+    return arrays
 
 
 # ----------------------------------------------------------------------------- splits and batches

@@ -184,6 +184,62 @@ def test_pixel_round_trip_exact(signed):
     assert data.to_uint8(torch.tensor([-3.0, 3.0]), signed).tolist() == [0, 255]
 
 
+def test_to_uint8_refuses_non_finite_pixels():
+    """NaN used to become 0 (a black pixel) under the clamp: an all-black grid saved as a result. Now an error
+    that names the model that made the images."""
+    x = torch.rand(2, 1, 4, 4)
+    x[1, 0, 2, 3] = float("nan")
+    with pytest.raises(data.NonFiniteError, match=r"images made by runs/x/ddpm.pt: 1 of 32 values are NaN or inf"):
+        data.to_uint8(x, signed=True, source="runs/x/ddpm.pt")
+    with pytest.raises(data.DataError, match="NaN or inf"):        # a DataError: every script's `error:` line
+        data.to_uint8(torch.tensor([0.5, float("inf")]))
+
+
+# ----------------------------------------------------------------------------- run files
+def test_damaged_run_files_are_one_line_errors(tmp_path):
+    """Every reader of a file the scripts write names the file and the remedy for a truncated copy (an interrupted
+    copy, a full disk), a foreign file or NaN weights, instead of torch's, json's or numpy's traceback."""
+    good = {"state_dict": {"w": torch.ones(3), "step": torch.tensor(4)}, "version": 2}
+    torch.save(good, tmp_path / "a.pt")
+    raw = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[:len(raw) // 2])
+    assert data.read_checkpoint(str(tmp_path / "a.pt"), "fix it", finite=("state_dict",))["version"] == 2
+    for name in ("cut.pt", "missing.pt"):
+        with pytest.raises(data.DataError, match=f"{name}.*: fix it$"):
+            data.read_checkpoint(str(tmp_path / name), "fix it")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(data.DataError, match="not a checkpoint of this code: fix it"):
+        data.read_checkpoint(str(tmp_path / "list.pt"), "fix it")
+    good["state_dict"]["w"][1] = float("nan")
+    torch.save(good, tmp_path / "nan.pt")
+    with pytest.raises(data.NonFiniteError, match=r"nan.pt holds NaN/inf weights \(state_dict w\): fix it"):
+        data.read_checkpoint(str(tmp_path / "nan.pt"), "fix it", finite=("state_dict",))
+    # metrics.json: written atomically, read back; a truncated one is an error naming it
+    data.write_json(str(tmp_path / "m.json"), {"nmi": 0.5})
+    assert data.read_json(str(tmp_path / "m.json"), "x") == {"nmi": 0.5} and not (tmp_path / "m.json.tmp").exists()
+    (tmp_path / "cut.json").write_text('{"nmi": 0.')
+    with pytest.raises(data.DataError, match="cannot read .*cut.json .*: delete it"):
+        data.read_json(str(tmp_path / "cut.json"), "delete it")
+    # .npz: a truncated zip, a missing key
+    np.savez(tmp_path / "s.npz", images=np.zeros((2, 1, 4, 4), np.uint8))
+    assert data.read_npz(str(tmp_path / "s.npz"), "x", need=("images",))["images"].shape == (2, 1, 4, 4)
+    raw = (tmp_path / "s.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) - 30])
+    with pytest.raises(data.DataError, match="cannot read .*cut.npz .*: sample again"):
+        data.read_npz(str(tmp_path / "cut.npz"), "sample again")
+    with pytest.raises(data.DataError, match="s.npz has no array 'features' .*images.*: y"):
+        data.read_npz(str(tmp_path / "s.npz"), "y", need=("features",))
+
+
+def test_fingerprint_and_nonfinite_tensor():
+    a = {"w": torch.arange(6.0).view(2, 3), "n": torch.tensor(3)}
+    assert data.fingerprint(a) == data.fingerprint({"n": torch.tensor(3), "w": torch.arange(6.0).view(2, 3)})
+    assert data.fingerprint(a) != data.fingerprint({**a, "w": a["w"] + 1e-6}) and len(data.fingerprint(a)) == 12
+    assert data.fingerprint({"w": a["w"].t()}) == data.fingerprint({"w": a["w"].t().contiguous()})
+    assert data.nonfinite_tensor(a) is None
+    assert data.nonfinite_tensor({**a, "v": torch.tensor([1.0, float("-inf")])}) == "v"
+
+
 # ----------------------------------------------------------------------------- splits and batches
 def test_train_val_split():
     train, val = data.train_val_split(1000, 0.1, seed=3)

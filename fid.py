@@ -53,8 +53,9 @@ import torch.nn.functional as F
 import data
 
 
-class FIDError(Exception):
-    """User-facing error: one line with the cause and the remedy."""
+class FIDError(data.DataError):
+    """User-facing error: one line with the cause and the remedy. A DataError, so that train.py and sample.py,
+    which score through this module, print it as their one `error:` line too."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,6 +94,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """d^2 = ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}) as a Python float, computed in
     float64. Accepts numpy arrays or tensors; exact also for singular (rank-deficient) covariances."""
     mu1, sigma1, mu2, sigma2 = (_f64(a).to(_f64(mu1).device) for a in (mu1, sigma1, mu2, sigma2))
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        data.check_finite(a, f"the feature statistic {name}", _NONFINITE)
     d = mu1.shape[-1]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise FIDError(f"shape mismatch: mu1 {tuple(mu1.shape)}, sigma1 {tuple(sigma1.shape)}, mu2 "
@@ -133,6 +136,14 @@ class FeatureStats:
         return self._m2 / (self.n - 1)                  # unbiased, as numpy.cov and pytorch-fid
 
 
+_NONFINITE = "no FID is computed from them: check the model that made the images and the extractor"
+
+
+def _finite_feats(X, which):
+    # NaN or inf features (a diverged generator, a damaged extractor) would make any FID meaningless: refuse them.
+    return data.check_finite(X, f"the {which} features", _NONFINITE)
+
+
 def _warn_rank(n, d):
     # With N <= d the sample covariance has rank <= N - 1 < d: the distance stays exact for these statistics,
     # but as an estimate of the population FID it is heavily biased (the bias grows like d/N).
@@ -158,8 +169,8 @@ def bootstrap_fid(feats_real, feats_gen, n_boot=200, seed=0, level=0.95, device=
     n_real, n_gen, dim, level). FID >= 0, so the basic interval and bias_corrected are floored at 0
     (intersecting an interval with the parameter space keeps its coverage). n_boot = 0: point estimate only.
     device: where the float64 algebra runs (default: where feats_real lives; a GPU makes d = 2048 fast)."""
-    X1 = _f64(feats_real).to(device or torch.as_tensor(feats_real).device)   # (N_real, d)
-    X2 = _f64(feats_gen).to(X1.device)                                          # (N_gen, d)
+    X1 = _finite_feats(_f64(feats_real).to(device or torch.as_tensor(feats_real).device), "real")  # (N_real, d)
+    X2 = _finite_feats(_f64(feats_gen).to(X1.device), "generated")                                 # (N_gen, d)
     (n1, d), n2 = X1.shape, X2.shape[0]
     if X2.shape[1] != d:
         raise FIDError(f"feature dimensions differ: real {d}, generated {X2.shape[1]}; use the same extractor")
@@ -193,8 +204,8 @@ def fid_infinity(feats_real, feats_gen, n_points=15, min_frac=0.2, seed=0, devic
     """FID_inf (Chong & Forsyth 2020): FID on random generated subsets of N_j = min_frac*N .. N images
     against all real features, least-squares fit FID_N = FID_inf + k / N_j, return the intercept. Only the
     generated side's 1/N bias is extrapolated away: the real side's stays (use all the real images you have)."""
-    X1 = _f64(feats_real).to(device or torch.as_tensor(feats_real).device)
-    X2 = _f64(feats_gen).to(X1.device)
+    X1 = _finite_feats(_f64(feats_real).to(device or torch.as_tensor(feats_real).device), "real")
+    X2 = _finite_feats(_f64(feats_gen).to(X1.device), "generated")
     s1 = FeatureStats().add(X1)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(X2), generator=g)
@@ -242,8 +253,11 @@ def extract_features(extractor, images, batch_size=100):
     """Features (N, D) float32 on CPU of images: a tensor/array (N, C, H, W), or an iterable of such batches
     (e.g. a generator that samples on the fly, so that the images never all sit in memory)."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        return extractor.features(images, batch_size)
-    return torch.cat([extractor.features(b, batch_size) for b in images])
+        feats = extractor.features(images, batch_size)
+    else:
+        feats = torch.cat([extractor.features(b, batch_size) for b in images])
+    return data.check_finite(feats, f"the features of {extractor.name}", "its weights are damaged: delete the "
+                             "cached extractor (cache/feature_net_*.pt) to retrain it, or use another --extractor")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,13 +543,17 @@ def accuracy(net, images, labels, batch_size=1000):
     return hits / len(images)
 
 
-def load_offline_net(path, device="cpu"):
-    """OfflineNet from its self-contained checkpoint (torch.load(weights_only=True) safe)."""
+def load_offline_net(path, device="cpu", data_id=None):
+    """OfflineNet from its self-contained checkpoint (torch.load(weights_only=True) safe). data_id: the fingerprint
+    of the training images it must have been trained on (offline_extractor's), checked when the file records one."""
+    ckpt = data.read_checkpoint(path, "delete it to retrain the offline extractor", finite=("state_dict",))
+    if data_id is not None and ckpt.get("data_id", data_id) != data_id:      # a file copied under another name
+        raise FIDError(f"the offline extractor {path} was trained on other images (id {ckpt['data_id']}) than "
+                       f"these (id {data_id}); delete it to retrain")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         net = OfflineNet(**ckpt["config"])
         net.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, KeyError, TypeError, OSError) as e:     # truncated file or another version's net
+    except (RuntimeError, KeyError, TypeError) as e:                # another version's net
         raise FIDError(f"cannot load the offline extractor {path} ({type(e).__name__}); delete it to retrain") from None
     h = hashlib.sha256()                                 # a hash of the weights identifies the net: FIDs
     for k, v in sorted(ckpt["state_dict"].items()):      # are comparable only between equal ids
@@ -557,22 +575,26 @@ def offline_extractor(dataset, root="data", cache_dir="cache", epochs=3, seed=0,
     fingerprint = hashlib.sha1(x_train.numpy().tobytes()).hexdigest()[:8]
     path = os.path.join(cache_dir, f"feature_net_{name}_{fingerprint}.pt")
     if os.path.exists(path):
-        return load_offline_net(path, device)
+        return load_offline_net(path, device, fingerprint)
     x_test, y_test = data.load(name, "test", root)
     log(f"training the offline extractor on {name} train ({len(x_train)} images, {epochs} epochs) ...")
     t0, c0 = time.perf_counter(), time.process_time()
     net = train_offline_net(x_train, y_train, data.DATASETS[name]["n_classes"], epochs=epochs, seed=seed,
                             device=device, log=log)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if data.nonfinite_tensor(net.state_dict()):             # a diverged net is never cached
+        raise data.NonFiniteError(f"the offline extractor's training diverged (NaN/inf weights); nothing was "
+                                  f"cached in {cache_dir}: rerun, or use --extractor inception")
     acc = accuracy(net, x_test, y_test)
     log(f"offline extractor: test accuracy {acc:.2%}, trained in {wall:.0f} s wall ({cpu:.0f} s CPU); "
         f"saved {path}")
     os.makedirs(cache_dir, exist_ok=True)
     ckpt = dict(state_dict={k: v.cpu() for k, v in net.state_dict().items()}, config=net.config, dataset=name,
-                test_acc=acc, epochs=epochs, seed=seed, n_train=len(x_train), train_seconds=wall)
+                test_acc=acc, epochs=epochs, seed=seed, n_train=len(x_train), train_seconds=wall,
+                data_id=fingerprint)                     # the training images it depends on: checked when loaded
     torch.save(ckpt, path + ".tmp")                      # atomic write: temp file + rename
     os.replace(path + ".tmp", path)
-    return load_offline_net(path, device)
+    return load_offline_net(path, device, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -607,16 +629,29 @@ def format_fid_line(res):
 
 
 def _load_npz(path, key):
-    # an .npz file's array under `key` as a tensor; images (N, H, W) get a channel axis
-    try:
-        with np.load(path) as f:
-            if key not in f:
-                raise FIDError(f"{path} has no array '{key}' (it has {', '.join(f.files) or 'none'}); "
-                               f"save it with np.savez(path, {key}=...)")
-            a = torch.from_numpy(f[key])
-    except (OSError, ValueError) as e:
-        raise FIDError(f"cannot read {path} as .npz ({type(e).__name__}); give an .npz file with key '{key}'")
-    return a.unsqueeze(1) if key == "images" and a.ndim == 3 else a
+    # (an .npz file's array under `key` as a tensor, all its arrays); images (N, H, W) get a channel axis. NaN or
+    # inf in it is an error naming the file (uint8 images cannot hold any; float images or features can).
+    arrays = data.read_npz(path, f"give an .npz file with key '{key}' (np.savez(path, {key}=...))", need=(key,))
+    a = torch.from_numpy(arrays[key])
+    if a.is_floating_point():
+        data.check_finite(a, f"{path} ('{key}')", _NONFINITE)
+    return (a.unsqueeze(1) if key == "images" and a.ndim == 3 else a), arrays
+
+
+def _check_run_samples(run, path, arrays):
+    # RUN/samples.npz records the fingerprints of the checkpoints that made it (sample.save_npz): a file left from
+    # before stage 1 or 2 was retrained must not be scored as the run's samples. Older files record none.
+    for key, name, weights in (("treevae_id", "treevae.pt", "state_dict"), ("ddpm_id", "ddpm.pt", "ema")):
+        made_by = str(arrays.get(key, ""))
+        if not made_by:                                  # not recorded, or TreeVAE images (no DDPM involved)
+            continue
+        ckpt_path = os.path.join(run, name)
+        now = data.fingerprint(data.read_checkpoint(ckpt_path, f"score the file alone with --gen {path}")[weights]) \
+            if os.path.exists(ckpt_path) else "missing"
+        if now != made_by:
+            raise FIDError(f"{path} was made by another {name} than {ckpt_path} (retrained since?): write the run's "
+                           f"samples again with python sample.py --run {run} --out "
+                           f"{os.path.join(run, 'samples.png')}, or score the file as it is with --gen {path}")
 
 
 def parser():
@@ -669,7 +704,12 @@ def main(argv=None):
         if a.gen_feats or a.ref_feats:                   # features given: no extractor involved
             if not (a.gen_feats and a.ref_feats):
                 raise FIDError("--gen-feats and --ref-feats go together (features of one extractor)")
-            feats_gen, feats_ref = _load_npz(a.gen_feats, "features")[:a.n], _load_npz(a.ref_feats, "features")
+            (feats_gen, gen), (feats_ref, ref) = (_load_npz(f, "features") for f in (a.gen_feats, a.ref_feats))
+            feats_gen = feats_gen[:a.n]
+            names = [str(f.get("extractor", "")) for f in (gen, ref)]      # written by --save-feats
+            if all(names) and names[0] != names[1]:
+                raise FIDError(f"{a.gen_feats} and {a.ref_feats} come from different extractors ({names[0]}; "
+                               f"{names[1]}): a FID compares features of one extractor, extract both again with it")
             res = bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device)
             res.update(ref_name=a.ref_feats, extractor=f"features from {a.gen_feats}")
         else:
@@ -689,9 +729,12 @@ def main(argv=None):
                 gen_path = os.path.join(a.run, "samples.npz") if a.run else a.gen
                 if a.run and not os.path.exists(gen_path):
                     raise FIDError(f"{gen_path} not found; write the run's samples there (key 'images') first")
-                images_gen, gen_name = _load_npz(gen_path, "images")[:a.n], gen_path
+                images_gen, arrays = _load_npz(gen_path, "images")
+                images_gen, gen_name = images_gen[:a.n], gen_path
+                if a.run:
+                    _check_run_samples(a.run, gen_path, arrays)
                 if a.ref:
-                    images_ref = _load_npz(a.ref, "images")
+                    images_ref = _load_npz(a.ref, "images")[0]
                 elif name:
                     images_ref = data.load(name, a.split, a.root)[0]
                 else:
@@ -714,9 +757,9 @@ def main(argv=None):
                        ref_name=ref_name)
         if a.fid_inf:
             res["fid_inf"] = fid_infinity(feats_ref, feats_gen, seed=a.seed, device=a.device)
-        if a.save_feats:
-            np.savez(a.save_feats + "_gen.npz", features=np.asarray(feats_gen))
-            np.savez(a.save_feats + "_ref.npz", features=np.asarray(feats_ref))
+        if a.save_feats:                                 # with the extractor's name: --gen-feats checks it
+            for side, feats in (("gen", feats_gen), ("ref", feats_ref)):
+                np.savez(f"{a.save_feats}_{side}.npz", features=np.asarray(feats), extractor=res["extractor"])
         print(format_fid_line(res))
     except (FIDError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,8 @@
 statistics, the Inception-v3 layout (torchvision's keys and 27,161,264 parameters), weight loading through
 torch.hub from a pre-placed file and its one-line offline error, the feature preprocessing, bootstrap
 coverage, the offline extractor and the command line. CPU, no network, no ../shared."""
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -290,3 +292,63 @@ def test_cli_errors_are_one_line_exit_2(argv, msg, capsys):
         fid.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0]
+
+
+# ------------------------------------------------------------------------------ non-finite numbers, damaged files
+def test_non_finite_features_or_images_are_never_scored(tmp_path, capsys):
+    """A NaN feature row used to turn into a finite-looking FID (or NaN); NaN images in a float .npz were scored.
+    Both are now refused, naming what holds them."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(50, 4, generator=g), torch.randn(50, 4, generator=g)
+    Y[3, 1] = float("nan")
+    for call in (lambda: fid.bootstrap_fid(X, Y, n_boot=0), lambda: fid.fid_infinity(X, Y),
+                 lambda: fid.frechet_distance(X.mean(0), torch.eye(4), Y.mean(0), torch.eye(4))):
+        with pytest.raises(data.NonFiniteError, match="NaN or inf"):
+            call()
+    images = torch.rand(20, 1, 28, 28)
+    images[0, 0, 0, 0] = float("nan")
+    np.savez(tmp_path / "gen.npz", images=images.numpy())
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--gen", str(tmp_path / "gen.npz"), "--dataset", "mnist"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "gen.npz ('images'): 1 of 15680 values are NaN or inf" in err[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_damaged_npz_and_mixed_extractors_are_one_line_errors(tmp_path, capsys, damage):
+    """A truncated .npz gave numpy's BadZipFile traceback; features saved by two extractors were compared. Feature
+    files written by --save-feats record their extractor, and --gen-feats / --ref-feats checks it."""
+    g = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "a.npz", features=torch.randn(60, 4, generator=g).numpy(), extractor="offline-cnn id 1")
+    np.savez(tmp_path / "b.npz", features=torch.randn(60, 4, generator=g).numpy(), extractor="Inception-v3")
+    raw = (tmp_path / "a.npz").read_bytes()
+    if damage == "truncated":
+        (tmp_path / "c.npz").write_bytes(raw[:len(raw) // 2])
+    else:
+        np.savez(tmp_path / "c.npz", features=np.full((60, 4), np.nan, np.float32))
+    for argv, msg in ((["--gen-feats", "a.npz", "--ref-feats", "b.npz"], "come from different extractors"),
+                      (["--gen-feats", "c.npz", "--ref-feats", "b.npz"], "c.npz")):
+        with pytest.raises(SystemExit) as e:
+            fid.main([str(tmp_path / a) if a.endswith(".npz") else a for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+
+
+def test_offline_cache_checked_against_its_training_images(tmp_path, monkeypatch):
+    """The cached offline extractor depends on the training images: it records their fingerprint, and a cache
+    file that records other images (copied under another name) or is damaged is a one-line error, not reused."""
+    monkeypatch.setattr(fid.data, "load", lambda name, split, root: two_class_images(
+        200 if split == "train" else 100, seed=int(split == "test")))
+    fid.offline_extractor("mnist", root="unused", cache_dir=str(tmp_path), epochs=1, log=lambda m: None)
+    path, = tmp_path.glob("feature_net_mnist_*.pt")
+    monkeypatch.setattr(fid.data, "load", lambda name, split, root: two_class_images(
+        150 if split == "train" else 100, seed=int(split == "test")))
+    x_other = two_class_images(150)[0]
+    other = tmp_path / f"feature_net_mnist_{hashlib.sha1(x_other.numpy().tobytes()).hexdigest()[:8]}.pt"
+    other.write_bytes(path.read_bytes())                    # the first net, under the second data set's name
+    with pytest.raises(fid.FIDError, match="was trained on other images .*delete it to retrain"):
+        fid.offline_extractor("mnist", root="unused", cache_dir=str(tmp_path))
+    other.write_bytes(path.read_bytes()[:1000])             # an interrupted copy
+    with pytest.raises(data.DataError, match=f"cannot read {other}.*delete it to retrain"):
+        fid.offline_extractor("mnist", root="unused", cache_dir=str(tmp_path))
+    assert issubclass(fid.FIDError, data.DataError)         # train.py and sample.py print it as one line too

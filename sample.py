@@ -87,22 +87,15 @@ class Models:
     dataset: str
     data_dir: str               # where the run found its data
     ddpm_problem: str           # why there is no U-Net (one line), or ""
+    tv_path: str = ""           # the checkpoints, named in errors about what they generate
+    ddpm_path: str = ""
+    tv_id: str = ""             # their fingerprints (data.fingerprint), recorded in the files made from them
+    ddpm_id: str = ""           # "" without a usable U-Net
 
 
 def _guess_dataset(run_dir):
     name = os.path.basename(os.path.normpath(run_dir))     # runs/<dataset> is train.py's default
     return name if name in data.DATASETS else "mnist"
-
-
-def _load(path, cmd):
-    """A checkpoint dict, read safely (weights_only); anything else is an error with the retrain command."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle from elsewhere, ...: not ours to read
-        raise SampleError(f"cannot read {path} ({type(e).__name__}): retrain with {cmd}") from None
-    if not isinstance(ckpt, dict):
-        raise SampleError(f"{path} is not a checkpoint of this code: retrain with {cmd}")
-    return ckpt
 
 
 def load_run(run_dir, device="cpu"):
@@ -115,14 +108,15 @@ def load_run(run_dir, device="cpu"):
         raise SampleError(f"no run folder {run_dir}: train one with {make}, or pass --run <folder>")
     if not os.path.exists(tv_path):
         raise SampleError(f"no {tv_path} (the stage-1 checkpoint): train it with {make}")
-    ckpt = _load(tv_path, make)
+    ckpt = data.read_checkpoint(tv_path, f"retrain with {make} --overwrite", finite=("state_dict",))
     info = ckpt.get("run") or {}                        # train.py's RunConfig, saved in the checkpoint
     dataset, data_dir = info.get("dataset", _guess_dataset(run_dir)), info.get("data_dir", "data")
     cmd = f"python train.py --dataset {dataset} --preset {info.get('preset', 'paper')} --out {run_dir}" + \
           (f" --data-dir {data_dir}" if data_dir != "data" else "")
     if ckpt.get("version") != treevae.VERSION:
         raise SampleError(f"{tv_path} comes from an incompatible version of this code (checkpoint version "
-                          f"{ckpt.get('version')}, this code reads {treevae.VERSION}): retrain with {cmd}")
+                          f"{ckpt.get('version')}, this code reads {treevae.VERSION}): retrain with {cmd} "
+                          f"--overwrite")
     phase = (ckpt.get("state") or {}).get("phase")
     if phase != "done":
         raise SampleError(f"{tv_path} is an unfinished stage 1 (phase {phase}): finish it with "
@@ -130,21 +124,19 @@ def load_run(run_dir, device="cpu"):
     tv = treevae.TreeVAE.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
 
     unet = diffusion = None
-    problem, redo = "", f"train stage 2 with {cmd} --stage ddpm"
+    problem, redo, d = "", f"train stage 2 afresh with {cmd} --stage ddpm --overwrite", None
     if not os.path.exists(dm_path):
         problem = (f"no {dm_path}: the DDPM (stage 2) is not trained yet; sample stage 1 alone with "
-                   f"--stage treevae, or {redo}")
+                   f"--stage treevae, or train stage 2 with {cmd} --stage ddpm")
     else:
-        d = _load(dm_path, cmd + " --stage ddpm")
-        if d.get("version") != treevae.VERSION:   # train.py stamps ddpm.pt with treevae.VERSION
-            problem = (f"{dm_path} comes from an incompatible version of this code (checkpoint version "
-                       f"{d.get('version')}, this code reads {treevae.VERSION}): {redo}")
-        elif d.get("n_leaves") != tv.n_leaves:       # stage 1 was retrained after stage 2
-            problem = (f"{dm_path} was trained on a tree with {d.get('n_leaves')} leaves but {tv_path} has "
-                       f"{tv.n_leaves}: {redo}")
-        elif d.get("treevae_id", tv.fingerprint()) != tv.fingerprint():   # same leaf count, other weights
-            problem = f"{dm_path} was trained on other stage-1 weights than {tv_path} (retrained since?): {redo}"
-        else:
+        try:                                         # unreadable or NaN weights: unusable, stage 1 still samples
+            d = data.read_checkpoint(dm_path, redo, finite=("ema",))
+        except data.DataError as e:
+            problem = str(e)
+        mismatch = train.stage2_mismatch(d, tv, tv_path) if d is not None else ""
+        if mismatch:                                 # trained on another tree (or by another version)
+            problem = f"{dm_path} {mismatch}: {redo}"
+        elif d is not None:
             names = {f.name for f in dataclasses.fields(ddpm.DDPMConfig)}
             dcfg = ddpm.DDPMConfig(**{k: v for k, v in d["config"].items() if k in names})
             dcfg.channel_mult = tuple(dcfg.channel_mult)
@@ -156,7 +148,8 @@ def load_run(run_dir, device="cpu"):
             if st["epoch"] < dcfg.epochs and st["global_step"] < budget:
                 print(f"note: {dm_path} is an unfinished stage 2 (epoch {st['epoch']}/{dcfg.epochs}, "
                       f"{st['global_step']} steps); sampling with its EMA weights so far")
-    return Models(tv, unet, diffusion, dataset, data_dir, problem)
+    return Models(tv, unet, diffusion, dataset, data_dir, problem, tv_path, dm_path,
+                  data.fingerprint(ckpt["state_dict"]), data.fingerprint(d["ema"]) if unet is not None else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,16 +247,27 @@ def save_grid(path, images, ncol):
     plt.imsave(path, grid, cmap="gray", vmin=0, vmax=255)     # cmap is ignored for colour pictures
 
 
-def save_npz(path, **arrays):
-    """The images as uint8 arrays (key 'images': what fid.py reads) plus leaf indices etc."""
-    np.savez(path, **{k: torch.as_tensor(v).cpu().numpy() for k, v in arrays.items() if v is not None})
+def pixels(m, x, refined=False):
+    """uint8 pixels (data.to_uint8) of TreeVAE images in [0, 1] or, refined, of DDPM images in [-1, 1]. NaN or inf
+    (a diverged model) is an error naming the checkpoint that made them, never a black image."""
+    return data.to_uint8(x, signed=refined, source=m.ddpm_path if refined else m.tv_path)
 
 
-def save_all_leaves(path, x_hat, x, labels=None):
+def save_npz(path, m, refined, **arrays):
+    """The images as uint8 arrays (key 'images': what fid.py reads) plus leaf indices etc., and the fingerprints
+    of the checkpoints that made them (treevae_id, ddpm_id; "" for TreeVAE images): `fid.py --run` checks them
+    against the run's checkpoints. Written to a temporary name and renamed (never half a file)."""
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **{k: torch.as_tensor(v).cpu().numpy() for k, v in arrays.items() if v is not None},
+                 treevae_id=m.tv_id, ddpm_id=m.ddpm_id if refined else "")
+    os.replace(path + ".tmp", path)
+
+
+def save_all_leaves(m, path, x_hat, x, labels=None):
     """The signature figure: columns = leaves; per root sample a row of TreeVAE images x_hat^(l) and, below it,
     their refinements (one x_T per row pair). x_hat (n, L, C, H, W) in [0, 1], x in [-1, 1] or None."""
     n, L = x_hat.shape[:2]
-    rows = [data.to_uint8(x_hat)] + ([] if x is None else [data.to_uint8(x, signed=True)])   # (n, L, C, H, W)
+    rows = [pixels(m, x_hat)] + ([] if x is None else [pixels(m, x, refined=True)])   # (n, L, C, H, W)
     grid = torch.stack(rows, 1).flatten(0, 2)                     # (n * rows * L, C, H, W), row-major
     picture = tile(grid, L)
     H, pad = x_hat.shape[-1], 2
@@ -373,17 +377,31 @@ def _generator(device, seed):
     return torch.Generator(torch.device(device)).manual_seed(seed)
 
 
+def drop_stale(metrics, m):
+    """Remove from metrics (metrics.json's dict, in place) every section computed from other checkpoints than the
+    run's m, with a note: each records the fingerprints (treevae_id, ddpm_id) of the weights it describes."""
+    now = {"treevae_id": m.tv_id, "ddpm_id": m.ddpm_id}
+    for key in [k for k, v in metrics.items() if isinstance(v, dict) and any(
+            i in v and v[i] != now[i] for i in now)]:
+        print(f"note: dropped the '{key}' section of metrics.json: it describes other checkpoints than "
+              f"{m.tv_path} and {m.ddpm_path if m.ddpm_id else 'no usable ddpm.pt'}")
+        del metrics[key]
+    return metrics
+
+
 def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, seed=0, sampler="ddpm", eta=None):
     """<run>/tree.png, all_leaves.png, samples.png (+ samples.npz for fid.py --run): refined images when the run
-    has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']. DDIM steps
-    and eta: the run's own (with_run_defaults) unless given."""
+    has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']; sections of
+    metrics computed from other checkpoints are dropped first (drop_stale). DDIM steps and eta: the run's own
+    (with_run_defaults) unless given."""
     m = load_run(run_dir, device)
+    drop_stale(metrics if metrics is not None else {}, m)
     if m.unet is None:                                    # a stage-1 run; or a ddpm.pt that does not fit (say why)
         stale = os.path.exists(os.path.join(run_dir, "ddpm.pt"))
         print(f"note: {m.ddpm_problem if stale else 'no ddpm.pt yet'}; the figures show TreeVAE images only")
     cfg, g = _stage_config(m, steps, eta, sampler=sampler), _generator(device, seed)
     x_hat, x, _ = all_leaves(m, rows, cfg, g)                          # (rows, L, C, H, W)
-    final = data.to_uint8(x_hat) if x is None else data.to_uint8(x, signed=True)
+    final = pixels(m, x_hat) if x is None else pixels(m, x, refined=True)
     tvm = (metrics or {}).get("treevae") or {}
     fits = lambda v: v if v is not None and len(v) == m.tv.n_leaves else None   # metrics of another tree: skip
     sizes, majority = fits(tvm.get("leaf_sizes")), fits(tvm.get("leaf_majority"))
@@ -391,11 +409,12 @@ def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, 
     plot_tree(m.tv, os.path.join(run_dir, "tree.png"), [final[:3, k] for k in range(m.tv.n_leaves)], sizes,
               majority, title=f"{m.dataset}: {m.tv.n_leaves} leaves, {what} samples" +
                               ("\nedge width: share of the test set" if sizes else ""))
-    save_all_leaves(os.path.join(run_dir, "all_leaves.png"), x_hat, x, majority)
+    save_all_leaves(m, os.path.join(run_dir, "all_leaves.png"), x_hat, x, majority)
     x_hat, x, leaf = sample(m, n, "sample", cfg, g)
-    images = data.to_uint8(x_hat) if x is None else data.to_uint8(x, signed=True)
+    images = pixels(m, x_hat) if x is None else pixels(m, x, refined=True)
     save_grid(os.path.join(run_dir, "samples.png"), images, math.ceil(math.sqrt(n)))
-    save_npz(os.path.join(run_dir, "samples.npz"), images=images, leaf=leaf, treevae=data.to_uint8(x_hat))
+    save_npz(os.path.join(run_dir, "samples.npz"), m, x is not None, images=images, leaf=leaf,
+             treevae=pixels(m, x_hat))
     print(f"wrote {run_dir}/tree.png, all_leaves.png ({rows} root samples x {m.tv.n_leaves} leaves) and "
           f"samples.png/.npz ({n} {what} samples" + (f", {sampler_name(m, cfg)})" if x is not None else ")"))
 
@@ -414,8 +433,9 @@ def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=None, cache_dir
     extractor = fid.offline_extractor(m.dataset, root=data_dir, cache_dir=cache_dir, device=device)
     test_images, _ = data.load(m.dataset, "test", data_dir)
     out, feats_ref = {"extractor": extractor.name, "reference": "test", "n": n, "leaf": how, "diffusion": None,
-                      "sampler": sampler_name(m, cfg) if m.unet is not None else None}, None
-    stages = [("treevae", data.to_uint8(x_hat))] + ([] if x is None else [("diffusion", data.to_uint8(x, signed=True))])
+                      "sampler": sampler_name(m, cfg) if m.unet is not None else None,
+                      "treevae_id": m.tv_id, "ddpm_id": m.ddpm_id}, None          # what it describes: drop_stale
+    stages = [("treevae", pixels(m, x_hat))] + ([] if x is None else [("diffusion", pixels(m, x, refined=True))])
     for name, images in stages:
         res = fid.fid_from_images(extractor, images, test_images, feats_ref=feats_ref, n_boot=n_boot,
                                   ref_name=f"{m.dataset} test")
@@ -457,14 +477,14 @@ def run(cfg):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     npz = os.path.splitext(out)[0] + ".npz"
     refined = cfg.stage == "diffusion"
-    to_u8 = lambda x: None if x is None else data.to_uint8(x, signed=True)
+    to_u8 = lambda x: None if x is None else pixels(m, x, refined=True)
     if cfg.all_leaves:
         n = cfg.n or 8
         x_hat, x, leaf_probs = all_leaves(m, n, cfg, g)
-        save_all_leaves(out, x_hat, x)
+        save_all_leaves(m, out, x_hat, x)
         leaf = torch.arange(L).repeat(n)                                           # (n * L,) row-major
-        final = to_u8(x) if refined else data.to_uint8(x_hat)
-        save_npz(npz, images=final.flatten(0, 1), leaf=leaf, treevae=data.to_uint8(x_hat).flatten(0, 1),
+        final = to_u8(x) if refined else pixels(m, x_hat)
+        save_npz(npz, m, refined, images=final.flatten(0, 1), leaf=leaf, treevae=pixels(m, x_hat).flatten(0, 1),
                  leaf_probs=leaf_probs)
         what = f"{n} root samples x {L} leaves"
     elif cfg.recons:
@@ -472,19 +492,19 @@ def run(cfg):
         images, _ = data.load(m.dataset, "test", cfg.data_dir or m.data_dir)
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:n]
         x_hat, x, leaf = reconstructions(m, images[pick], how, cfg, g)
-        rows = [images[pick], data.to_uint8(x_hat).cpu()] + ([to_u8(x).cpu()] if refined else [])
+        rows = [images[pick], pixels(m, x_hat).cpu()] + ([to_u8(x).cpu()] if refined else [])
         ncol = min(n, 16)                                 # blocks of ncol columns: original / TreeVAE / refined
         padded = [torch.cat([r, torch.full((-n % ncol, *r.shape[1:]), 255, dtype=torch.uint8)]) for r in rows]
         blocks = [r[s:s + ncol] for s in range(0, n, ncol) for r in padded]
         save_grid(out, torch.cat(blocks), ncol)
-        save_npz(npz, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
+        save_npz(npz, m, refined, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
         what = f"{n} test images: original, TreeVAE reconstruction" + (", refined" if refined else "")
     else:
         n = cfg.n or 64
         x_hat, x, leaf = sample(m, n, how, cfg, g)
-        final = to_u8(x) if refined else data.to_uint8(x_hat)
+        final = to_u8(x) if refined else pixels(m, x_hat)
         save_grid(out, final, math.ceil(math.sqrt(n)))
-        save_npz(npz, images=final, leaf=leaf, treevae=data.to_uint8(x_hat) if refined else None)
+        save_npz(npz, m, refined, images=final, leaf=leaf, treevae=pixels(m, x_hat) if refined else None)
         what = f"{n} samples, " + (f"leaf {cfg.leaf}" if cfg.leaf >= 0 else "leaves drawn from P(l | z_0)")
     how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
     print(f"wrote {out} ({what}; {how_made}) and {npz} (key 'images': uint8 (N, C, H, W))")

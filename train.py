@@ -49,6 +49,9 @@ class RunConfig:
     stage: str = setting("all", "what to train: treevae (stage 1) | ddpm (stage 2, on the finished stage 1 in --out) "
                          "| all (both)", choices=("treevae", "ddpm", "all"))
     resume: bool = setting(False, "continue the run in --out where it stopped, with the configuration it saved")
+    overwrite: bool = setting(False, "let a fresh run replace the checkpoints in --out (treevae.pt, ddpm.pt; "
+                                     "without it a fresh run refuses a folder that holds them: --resume continues "
+                                     "them, --overwrite trains afresh and removes the ddpm.pt of a replaced tree)")
     device: str = setting("auto", "auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps")
     threads: int = setting(0, "CPU threads of torch's kernels (torch.set_num_threads), set before any work; 0: "
                               "torch's choice (one per core; on a busy machine 1 can be much faster)", ge=0)
@@ -165,9 +168,13 @@ def set_rng_state(state):
 
 
 class Progress:
-    """A progress line every `every` steps: phase, epoch/step, loss terms, images/s and ETA of the phase."""
-    def __init__(self, every):
-        self.every, self.t0, self.seen = every, time.time(), 0
+    """A progress line every `every` steps: phase, epoch/step, loss terms, images/s and ETA of the phase. It is
+    also where a diverged loss (NaN or inf) stops training, before the state is saved over `ckpt`: a check costs a
+    host sync, and this line is the only one. A NaN between two lines costs at most `every` wasted steps (and the
+    steps since the last save, as a crash would); the save guards (check_weights) catch one that arises after the
+    last line."""
+    def __init__(self, every, ckpt="the checkpoint", remedy=""):
+        self.every, self.t0, self.seen, self.ckpt, self.remedy = every, time.time(), 0, ckpt, remedy
 
     def start(self):
         self.t0, self.seen = time.time(), 0
@@ -178,9 +185,29 @@ class Progress:
             return
         dt = max(time.time() - self.t0, 1e-9)
         eta = (total - step) * dt / max(step, 1) if step else 0.0
-        loss = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())  # the host sync happens only here
+        values = {k: float(v) for k, v in terms.items()}                   # the host sync happens only here
+        loss = " ".join(f"{k} {v:.3f}" for k, v in values.items())
         print(f"{tag} step {step}/{total} | {loss} | {self.seen / dt:.0f} img/s | ETA {eta / 60:.1f} min",
               flush=True)
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise data.NonFiniteError(f"{tag} step {step}: the {bad[0]} became {values[bad[0]]} (training "
+                                      f"diverged); stopped before saving it over {self.ckpt}; {self.remedy}")
+
+
+def check_weights(tensors, path, remedy):
+    """Before every checkpoint write: a state dict holding NaN or inf (a divergence after the last progress line)
+    is never saved over the last good checkpoint at path. One host sync per save."""
+    name = data.nonfinite_tensor(tensors)
+    if name:
+        raise data.NonFiniteError(f"the weight {name} became NaN or inf (training diverged); stopped before "
+                                  f"saving it over {path}; {remedy}")
+
+
+def diverged_remedy(stage):
+    """What to do after a divergence: resuming replays the same batches and random numbers, so start afresh."""
+    flags, lr = ("--stage ddpm --overwrite", "--ddpm-lr") if stage == "ddpm" else ("--overwrite", "--treevae-lr")
+    return f"resuming would repeat the same steps: start this stage afresh ({flags}) with a lower {lr} or another --seed"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,6 +309,7 @@ class TreeStage:
 
     # -- checkpoint --------------------------------------------------------------------------------------------
     def save(self):
+        check_weights(self.model.state_dict(), self.path, diverged_remedy("treevae"))
         ckpt = self.model.checkpoint()
         ckpt.update(state=self.st, rng=rng_state(), run=dataclasses.asdict(self.run),
                     optimizer=self.opt.state_dict() if self.opt is not None else None)
@@ -305,7 +333,8 @@ class TreeStage:
         self.pending_opt = None
         batches = data.Batches(images, None, min(cfg.batch_size, len(images)), self.device,
                                seed=run.seed * 1000 + st["phase_idx"])
-        progress, total = Progress(run.log_every), epochs * len(batches)
+        progress = Progress(run.log_every, self.path, diverged_remedy("treevae"))
+        total = epochs * len(batches)
         for epoch in range(st["epoch"], epochs):
             # KL annealing, restarted every phase; the final fine-tuning ramps alpha to 1 over its epochs, as the
             # authors' code does (decay max(0.01, 1 / (epochs - 1))), so the finished model optimises the true ELBO
@@ -340,7 +369,8 @@ class TreeStage:
         with torch.no_grad():
             for x, _ in data.Batches(images, None, 1024, self.device, shuffle=False, drop_last=False).epoch(0):
                 out.append(self.model(x, sample=False, decode=[])["leaf_probs"].float())
-        return torch.cat(out)
+        return data.check_finite(torch.cat(out), f"the leaf probabilities of the tree in {self.path}",
+                                 diverged_remedy("treevae"))
 
     def log(self, msg):
         self.st["log"].append(msg)
@@ -415,17 +445,22 @@ class TreeStage:
         self.st["val_elbo"] = elbo = sum(terms.values())            # the restarts' selection criterion
         print(f"[{tag}] validation: -ELBO {elbo:.2f} | " +
               " ".join(f"{k} {v:.2f}" for k, v in terms.items()) + f" | {self.model.n_leaves} leaves{nmi}", flush=True)
+        data.check_finite(torch.tensor(elbo), f"[{tag}] the validation -ELBO of the tree in {self.path}",
+                          diverged_remedy("treevae"))
         self.model.train_all()
 
 
-def evaluate_clustering(model, images, labels, device):
+def evaluate_clustering(model, images, labels, device, source="the tree"):
     """Hard clusters argmax_l P(l|x) on held-out images -> NMI, accuracy, leaf and dendrogram purity, and each
-    leaf's majority label (None for an empty leaf; sample.plot_tree writes it under the leaf)."""
+    leaf's majority label (None for an empty leaf; sample.plot_tree writes it under the leaf). NaN probabilities
+    (argmax would pick them as the largest) raise NonFiniteError naming `source`."""
     model.eval()
     preds = []
     with torch.no_grad():
         for x, _ in data.Batches(images, None, 1024, device, shuffle=False, drop_last=False).epoch(0):
-            preds.append(model(x, sample=False, decode=[])["leaf_probs"].argmax(1).cpu())
+            probs = data.check_finite(model(x, sample=False, decode=[])["leaf_probs"],
+                                      f"the leaf probabilities of {source}", "retrain it")
+            preds.append(probs.argmax(1).cpu())
     pred = torch.cat(preds)
     n = treevae.contingency(pred, labels)                     # (leaves up to the last one used, classes)
     majority = [int(n[k].argmax()) if k < len(n) and n[k].sum() > 0 else None for k in range(model.n_leaves)]
@@ -459,7 +494,8 @@ def leaf_condition(x_hat, leaf_probs):
     return x_hat[torch.arange(len(leaf), device=leaf.device), leaf] * 2 - 1, leaf
 
 
-def train_ddpm(run, dcfg, tv, device, autocast, train_images):
+def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
+    """Stage 2 on the frozen tree tv; ckpt: the ddpm.pt to continue (read and checked against tv by main)."""
     path = os.path.join(run.out, "ddpm.pt")
     tv.eval().requires_grad_(False)
     unet = ddpm.UNet(dcfg).to(device)
@@ -467,17 +503,18 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images):
         unet = unet.to(memory_format=torch.channels_last)
     ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
     st = {"epoch": 0, "step": 0, "global_step": 0}
-    if run.resume and os.path.exists(path):
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+    tv_id = data.fingerprint(tv.state_dict())    # which stage-1 weights this DDPM is conditioned on
+    if ckpt is not None:
         unet.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
-        st = ckpt["state"]
+        st, tv_id = ckpt["state"], ckpt["treevae_id"]       # a checkpoint's provenance is never rewritten
         set_rng_state(ckpt["rng"])
         print(f"resumed {path}: epoch {st['epoch']}, batch {st['step']}, {st['global_step']} steps done")
     print(f"DDPM: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, {tv.n_leaves} leaves")
-
-    tv_id = tv.fingerprint()                     # which stage-1 weights this DDPM is conditioned on
+    remedy = diverged_remedy("ddpm")
 
     def save():
+        check_weights({**unet.state_dict(), **{"ema." + k: v for k, v in ema.model.state_dict().items()}}, path,
+                      remedy)
         save_atomic({"version": treevae.VERSION, "config": dataclasses.asdict(dcfg), "model": unet.state_dict(),
                      "ema": ema.model.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
                      "n_leaves": tv.n_leaves, "treevae_id": tv_id}, path)
@@ -489,7 +526,7 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images):
                            seed=run.seed * 1000 + 999)
     total = dcfg.epochs * len(batches)
     total = min(total, dcfg.max_steps) if dcfg.max_steps else total       # the config's own step budget
-    progress, steps_this_call, interrupt = Progress(run.log_every), 0, Interrupt()
+    progress, steps_this_call, interrupt = Progress(run.log_every, path, remedy), 0, Interrupt()
     unet.train()
     for epoch in range(st["epoch"], dcfg.epochs):
         for x, rows in batches.epoch(epoch, start=st["step"]):
@@ -633,11 +670,11 @@ def fit_restarts(run, argv):
     results = []
     for k, (code, out_k) in enumerate(zip(codes, outs)):
         path = os.path.join(out_k, "treevae.pt")
-        st = torch.load(path, map_location="cpu", weights_only=True)["state"] if os.path.exists(path) else {}
+        st = read_treevae(run, path)["state"] if os.path.exists(path) else {}
         if code != 0 or st.get("phase") != "done":
             raise Stop(f"restart {k} did not finish (exit code {code}; see {out_k}.log); continue with --resume")
         m = os.path.join(out_k, "metrics.json")                        # reported, never used to choose
-        nmi = json.load(open(m))["treevae"]["nmi"] if os.path.exists(m) else None
+        nmi = data.read_json(m, f"delete it (see {out_k}.log)")["treevae"]["nmi"] if os.path.exists(m) else None
         results.append({"restart": k, "seed": run.seed + k, "val_elbo": st["val_elbo"], "test_nmi": nmi})
     best = min(results, key=lambda r: r["val_elbo"])
     shutil.copyfile(os.path.join(outs[best["restart"]], "treevae.pt"), os.path.join(run.out, "treevae.pt"))
@@ -646,21 +683,88 @@ def fit_restarts(run, argv):
     return {"chosen": best["restart"], "runs": results}
 
 
-def load_checkpoint(path):
-    """A checkpoint as saved (tensors on the CPU), or None where there is none yet."""
-    return torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
+def command(run, *extra):
+    """This run folder's train.py command line, for the remedies of error messages."""
+    data_dir = f" --data-dir {run.data_dir}" if run.data_dir != "data" else ""
+    return " ".join([f"python train.py --dataset {run.dataset} --preset {run.preset} --out {run.out}{data_dir}",
+                     *extra])
+
+
+def refuse_overwrite(run, tv_path, ddpm_path):
+    """A fresh call (no --resume) never silently replaces a run: the checkpoints it would write over (and, for
+    stage 1, a ddpm.pt that the new tree would leave stale) stop it with the remedies, unless --overwrite. Called
+    before anything is read or trained."""
+    if run.resume and run.overwrite:
+        raise data.DataError("--resume continues the checkpoints that --overwrite would replace: give one of them")
+    if run.resume:
+        return
+    paths = [ddpm_path] if run.stage == "ddpm" else [tv_path, ddpm_path] + \
+        [os.path.join(run.out, f"restart_{k}", "treevae.pt") for k in range(run.restarts if run.restarts > 1 else 0)]
+    found = [p for p in paths if os.path.exists(p)]
+    if found and not run.overwrite:
+        raise data.DataError(f"{', '.join(found)} from an earlier run would be replaced (or left stale) by this "
+                             f"fresh run: continue that run with --resume, replace it with --overwrite, or choose "
+                             f"another --out")
+
+
+def read_treevae(run, path):
+    """treevae.pt as saved (tensors on the CPU), or a one-line error: unreadable, NaN/inf weights, other version."""
+    afresh = f"train stage 1 afresh with {command(run, '--stage treevae --overwrite')}"
+    ckpt = data.read_checkpoint(path, f"put back a good copy, or {afresh}", finite=("state_dict",))
+    if ckpt.get("version") != treevae.VERSION:
+        raise data.DataError(f"{path} comes from an incompatible version of this code (checkpoint version "
+                             f"{ckpt.get('version')}, this code reads {treevae.VERSION}): {afresh}")
+    return ckpt
+
+
+def stage2_mismatch(d, tv, tv_path):
+    """Why the ddpm.pt dict d does not belong to the TreeVAE tv read from tv_path (None: there is none), as the
+    end of a sentence that starts with ddpm.pt's path; "" when d was trained on exactly these weights. Shared with
+    sample.py: a DDPM is conditioned on its tree's leaf images, so it is only valid with that tree."""
+    if d.get("version") != treevae.VERSION:                   # train_ddpm stamps ddpm.pt with treevae.VERSION
+        return (f"comes from an incompatible version of this code (checkpoint version {d.get('version')}, this "
+                f"code reads {treevae.VERSION})")
+    if tv is None:
+        return f"was trained on a stage 1 that is gone ({tv_path} is missing)"
+    if d.get("n_leaves") != tv.n_leaves:                      # stage 1 retrained after stage 2
+        return f"was trained on a tree with {d.get('n_leaves')} leaves but {tv_path} has {tv.n_leaves}"
+    if d.get("treevae_id") != data.fingerprint(tv.state_dict()):     # same leaf count, other weights
+        return f"was trained on other stage-1 weights than {tv_path} (retrained or changed since?)"
+    return ""
+
+
+def read_ddpm(run, path, tv_ckpt, tv_path):
+    """ddpm.pt to continue on the tree of tv_ckpt, or a one-line error: unreadable, NaN/inf weights, or trained on
+    another tree (resuming it would stamp the old DDPM with the new tree's fingerprint)."""
+    afresh = f"to train stage 2 afresh on this tree, move {path} away or run " + \
+        command(run, "--stage ddpm --overwrite")
+    ckpt = data.read_checkpoint(path, f"put back a good copy; {afresh}", finite=("model", "ema"))
+    with torch.random.fork_rng(devices=[]):                  # building the tree must not move the seeded RNG
+        tv = treevae.TreeVAE.from_checkpoint(tv_ckpt) if tv_ckpt is not None else None
+    problem = stage2_mismatch(ckpt, tv, tv_path)
+    if problem:
+        raise data.DataError(f"{path} {problem}, so it cannot be resumed on this tree; {afresh}")
+    return ckpt
 
 
 def finished_stage1(run, tv_path, tv_ckpt):
     """tv_ckpt (loaded from tv_path, None if absent) if it is the finished stage 1 that stage 2 and the figures
     need, else a one-line error saying how to make it."""
     if tv_ckpt is None:
-        raise data.DataError(f"no {tv_path}: train stage 1 first (python train.py --dataset {run.dataset} "
-                             f"--stage treevae)")
+        raise data.DataError(f"no {tv_path}: train stage 1 first ({command(run, '--stage treevae')})")
     if tv_ckpt["state"]["phase"] != "done":
-        raise data.DataError(f"{tv_path} is an unfinished stage 1: run python train.py --dataset {run.dataset} "
-                             f"--stage treevae --resume")
+        raise data.DataError(f"{tv_path} is an unfinished stage 1: run {command(run, '--stage treevae --resume')}")
     return tv_ckpt
+
+
+def stage1_metrics(model, log, test_images, test_labels, device, tv_path):
+    """metrics.json's 'treevae' section: the test-split clustering figures of this tree (printed), its growth log,
+    and its fingerprint (treevae_id: a reader can tell metrics of another tree)."""
+    m = {**evaluate_clustering(model, test_images, test_labels, device, source=tv_path), "split": "test",
+         "growth_log": log, "treevae_id": data.fingerprint(model.state_dict())}
+    print(f"[test] NMI {m['nmi']:.3f} | accuracy {m['acc']:.3f} | leaf purity {m['leaf_purity']:.3f} | "
+          f"dendrogram purity {m['dendrogram_purity']:.3f} | {m['n_leaves']} leaves, sizes {m['leaf_sizes']}")
+    return m
 
 
 def main(argv=None):
@@ -668,13 +772,23 @@ def main(argv=None):
     run, tv_cfg, ddpm_overrides = parse_args(argv)
     if run.threads:
         torch.set_num_threads(run.threads)              # --threads: before any work (default: torch's choice)
+    tv_path, ddpm_path, metrics_path = (os.path.join(run.out, f) for f in ("treevae.pt", "ddpm.pt", "metrics.json"))
+    refuse_overwrite(run, tv_path, ddpm_path)
+    # What this call continues from, read and checked before anything else: a damaged file, NaN weights or a
+    # ddpm.pt trained on another tree is one line (and the files stay as they are).
+    fresh1 = not run.resume and run.stage != "ddpm"     # stage 1 from scratch: the old files are not needed
+    tv_ckpt = read_treevae(run, tv_path) if not fresh1 and os.path.exists(tv_path) else None
+    if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
+        finished_stage1(run, tv_path, tv_ckpt)
+    dm_ckpt = read_ddpm(run, ddpm_path, tv_ckpt, tv_path) if run.resume and run.stage != "treevae" and \
+        os.path.exists(ddpm_path) else None
+    metrics = data.read_json(metrics_path, "move it away (this run writes a new one)") \
+        if os.path.exists(metrics_path) and not fresh1 else {}
     torch.manual_seed(run.seed)
     device, autocast = setup_device(run.device, run.precision)
     images, labels = data.load(run.dataset, "train", run.data_dir)
     test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
     os.makedirs(run.out, exist_ok=True)                 # only once the data are there: no empty run folders
-    tv_path = os.path.join(run.out, "treevae.pt")
-    tv_ckpt = load_checkpoint(tv_path)
     if run.resume and tv_ckpt is not None:              # a resumed run keeps the schedule it was started with
         tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
         if tv_cfg.dataset != run.dataset:               # same image shape or not: the tree learnt other data
@@ -685,8 +799,6 @@ def main(argv=None):
     print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
           f"device {device}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""))
-    if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
-        finished_stage1(run, tv_path, tv_ckpt)
     if run.plan and not run.resume:
         saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
@@ -696,46 +808,49 @@ def main(argv=None):
              sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim" else None,
              n_leaves=saved.n_leaves if saved else None)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
-    metrics_path = os.path.join(run.out, "metrics.json")
-    metrics = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
     if run.stage in ("treevae", "all"):
+        if fresh1 and os.path.exists(ddpm_path):        # --overwrite (refuse_overwrite): it belongs to the old tree
+            os.remove(ddpm_path)
+            print(f"--overwrite: removed {ddpm_path} (trained on the stage 1 that this run replaces)")
         restarts = None
         if run.restarts > 1:                             # the chosen restart becomes this run's stage 1
             restarts = fit_restarts(run, argv)
-            stage1.load(load_checkpoint(tv_path), verb="loaded the chosen")
+            stage1.load(read_treevae(run, tv_path), verb="loaded the chosen")
         else:
             if run.resume and tv_ckpt is not None:
                 stage1.load(tv_ckpt)
             elif run.resume:
                 print(f"--resume: no {tv_path} yet, starting stage 1 from scratch")
             stage1.fit()
-        metrics["treevae"] = {**evaluate_clustering(stage1.model, test_images, test_labels, device),
-                              "split": "test", "growth_log": stage1.st["log"]}
+        metrics["treevae"] = stage1_metrics(stage1.model, stage1.st["log"], test_images, test_labels, device,
+                                            tv_path)
         if restarts:
             metrics["treevae"]["restarts"] = restarts
-        m = metrics["treevae"]
-        print(f"[test] NMI {m['nmi']:.3f} | accuracy {m['acc']:.3f} | leaf purity {m['leaf_purity']:.3f} | "
-              f"dendrogram purity {m['dendrogram_purity']:.3f} | {m['n_leaves']} leaves, sizes {m['leaf_sizes']}")
-        json.dump(metrics, open(metrics_path, "w"), indent=1)
+        data.write_json(metrics_path, metrics)
     if run.stage != "ddpm":                             # stage 1 ran above: read the checkpoint it wrote
-        tv_ckpt = finished_stage1(run, tv_path, load_checkpoint(tv_path))
+        tv_ckpt = finished_stage1(run, tv_path, read_treevae(run, tv_path))
     tv = treevae.TreeVAE.from_checkpoint(tv_ckpt).to(device)
     if run.stage in ("ddpm", "all"):
+        tv_id, section = data.fingerprint(tv.state_dict()), metrics.get("treevae")
+        if section is None or section.get("treevae_id", tv_id) != tv_id:   # absent, or of another tree: this one's
+            if section is not None:
+                print(f"note: {metrics_path} describes other stage-1 weights than {tv_path}; recomputing them")
+            metrics["treevae"] = stage1_metrics(tv, tv_ckpt["state"]["log"], test_images, test_labels, device,
+                                                tv_path)
         dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
-        ddpm_path = os.path.join(run.out, "ddpm.pt")
-        if run.resume and os.path.exists(ddpm_path):     # keep the DDPM configuration it was started with ...
-            saved = ddpm.DDPMConfig(**torch.load(ddpm_path, map_location="cpu", weights_only=True)["config"])
+        if dm_ckpt is not None:                          # keep the DDPM configuration it was started with ...
+            saved = ddpm.DDPMConfig(**dm_ckpt["config"])
             # ... but for the DDIM settings: they train nothing, and the figures and FID below sample with them
             dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items() if k.startswith("ddim_")})
         print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
-        train_ddpm(run, dcfg, tv, device, autocast, images[train_idx])
+        train_ddpm(run, dcfg, tv, device, autocast, images[train_idx], dm_ckpt)
     import sample                                                  # figures: tree.png and sample grids
     # DDIM steps and eta: those saved in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults
     sample.make_figures(run.out, device=device, metrics=metrics, sampler=run.sampler)
     if run.fid_samples:
         metrics.update(sample.compute_fid(run.out, run.fid_samples, device=device, data_dir=run.data_dir,
                                           sampler=run.sampler))
-    json.dump(metrics, open(metrics_path, "w"), indent=1)
+    data.write_json(metrics_path, metrics)
     print(f"wrote {metrics_path}")
 
 

@@ -30,7 +30,6 @@ router outputs (as logits `logit_q`, `logit_p`), `prob[i]` = P(i|x) of shape (B,
 Node ids are integers that never get reused; the tree topology is plain data: `self.parent` and `self.child_ids`
 dicts, `self.depth`. Every feature visits the tree through the single breadth-first walk `TreeVAE.walk`.
 """
-import hashlib
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -758,14 +757,6 @@ class TreeVAE(nn.Module):
         """Self-contained: config, topology as plain lists, weights. torch.load(..., weights_only=True) reads it."""
         return {"version": VERSION, "config": asdict(self.cfg), "topology": self.topology(),
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-
-    def fingerprint(self):
-        """A short hash of the weights: ddpm.pt records it, so a DDPM is never paired with a retrained tree."""
-        h = hashlib.sha1()
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:12]
 
     @classmethod
     def from_checkpoint(cls, ckpt):

@@ -406,3 +406,121 @@ def test_bench_prints_one_json_line_per_figure():
     fails(cli("bench.py", "--device", "xyz"), "unknown device 'xyz'")
     if not torch.cuda.is_available():
         fails(cli("bench.py", "--device", "cuda"), "no CUDA GPU", "--device cpu")
+
+
+# ----------------------------------------------------------------------------- files that depend on others
+def copy_run(run, folder):
+    shutil.copytree(run, folder)
+    return folder
+
+
+def change_a_decoder_weight(path):
+    ckpt = load(path)
+    key = next(k for k, v in ckpt["state_dict"].items() if k.startswith("decoder") and v.is_floating_point())
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 0.5
+    torch.save(ckpt, path)
+
+
+def test_stale_ddpm_is_never_resumed_or_restamped(run, data_dir, tmp_path, capsys):
+    """treevae.pt changed after stage 2 (retrained, or one decoder weight edited): --resume used to continue the
+    old ddpm.pt and stamp it with the new tree's fingerprint, so that sample.py's check could no longer catch it.
+    Now the resume refuses, says how to start stage 2 afresh, and leaves ddpm.pt byte for byte as it was; fid.py
+    --run refuses the run's samples.npz, made by the old tree."""
+    other = copy_run(run, tmp_path / "mnist")
+    change_a_decoder_weight(other / "treevae.pt")
+    before = (other / "ddpm.pt").read_bytes()
+    for stage in ("ddpm", "all"):
+        fails(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", other, "--stage", stage, "--resume"),
+              f"{other / 'ddpm.pt'} was trained on other stage-1 weights", "afresh", "--stage ddpm --overwrite")
+    assert (other / "ddpm.pt").read_bytes() == before
+    fails(sample_cli(capsys, "--run", other), "other stage-1 weights", "--stage ddpm --overwrite")
+    with pytest.raises(SystemExit) as e:
+        import fid
+        fid.main(["--run", str(other), "--dataset", "mnist", "--root", str(data_dir), "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "samples.npz was made by another treevae.pt" in err and "sample.py --run" in err
+
+
+def test_metrics_of_other_checkpoints_are_dropped_or_recomputed(run, data_dir, tmp_path):
+    """metrics.json sections record the fingerprints of the checkpoints they describe: a section of another tree
+    (or another DDPM) left from earlier is recomputed (the stage-1 test metrics) or dropped (a FID not asked for
+    again), never written back as this run's."""
+    other = copy_run(run, tmp_path / "mnist")
+    metrics = json.loads((other / "metrics.json").read_text())
+    tv_id = metrics["treevae"]["treevae_id"]
+    assert tv_id == load(other / "ddpm.pt")["treevae_id"] == sample.load_run(str(other)).tv_id
+    metrics["treevae"].update(treevae_id="0" * 12, nmi=-1.0)
+    metrics["fid"] = {"treevae": {"fid": 1.0}, "treevae_id": tv_id, "ddpm_id": "0" * 12}
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", other, "--stage", "ddpm", "--resume",
+                  "--plan", "false"))
+    assert "describes other stage-1 weights" in proc.stdout and "dropped the 'fid' section" in proc.stdout
+    metrics = json.loads((other / "metrics.json").read_text())
+    assert "fid" not in metrics and metrics["treevae"]["treevae_id"] == tv_id and metrics["treevae"]["nmi"] >= 0
+
+
+# ----------------------------------------------------------------------------- non-finite numbers
+def test_nan_weights_or_outputs_are_never_saved_as_images(run, tmp_path, capsys, monkeypatch):
+    """One NaN in ddpm.pt's EMA weights: sample.py used to save an all-black grid (exit 0). Now nothing is written
+    and the error names the checkpoint; the same for NaN outputs of finite weights (a diverged sampler), and for
+    the TreeVAE, whose leaf probabilities also feed the clustering metrics."""
+    other = copy_run(run, tmp_path / "mnist")
+    ckpt = load(other / "ddpm.pt")
+    next(v for v in ckpt["ema"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save(ckpt, other / "ddpm.pt")
+    out = tmp_path / "grid.png"
+    fails(sample_cli(capsys, "--run", other, "--leaf", 0, "--out", out), f"{other / 'ddpm.pt'} holds NaN/inf weights",
+          "--stage ddpm --overwrite")
+    monkeypatch.setattr(sample, "refine", lambda m, x_hat, *a, **k: torch.full_like(x_hat, float("nan")))
+    fails(sample_cli(capsys, "--run", run, "--leaf", 0, "--n", 2, "--out", out),
+          f"images made by {run / 'ddpm.pt'}", "NaN or inf")
+    assert not out.exists() and not (tmp_path / "grid.npz").exists()
+    ckpt = load(other / "treevae.pt")
+    ckpt["state_dict"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, other / "treevae.pt")
+    fails(sample_cli(capsys, "--run", other, "--stage", "treevae", "--out", out), "treevae.pt holds NaN/inf weights")
+    import train
+    tv = treevae.TreeVAE.from_checkpoint(ckpt)
+    with pytest.raises(train.data.NonFiniteError, match="leaf probabilities of runs/x/treevae.pt"):
+        train.evaluate_clustering(tv, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4), "cpu",
+                                  source="runs/x/treevae.pt")
+
+
+def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(run, data_dir, tmp_path):
+    """A loss that becomes NaN or inf stops training at the next progress line with one line naming the step; a
+    divergence after the last progress line is caught by the save guard. Neither writes over the checkpoint."""
+    fresh = tmp_path / "fresh"
+    fails(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", fresh, "--plan", "false", "--stage", "treevae",
+              "--treevae-lr", "1e30", "--log-every", 1), "[init] epoch 1/1 step", "training diverged", "--treevae-lr")
+    assert not (fresh / "treevae.pt").exists()
+    other = copy_run(run, tmp_path / "mnist")
+    before = (other / "ddpm.pt").read_bytes()
+    args = [*SMOKE, "--data-dir", data_dir, "--out", other, "--plan", "false", "--stage", "ddpm", "--overwrite",
+            "--ddpm-lr", "1e30"]
+    fails(cli("train.py", *args, "--log-every", 1), "training diverged", "stopped before saving it over " +
+          str(other / "ddpm.pt"), "--ddpm-lr")
+    fails(cli("train.py", *args, "--log-every", 1000, "--max-steps", 2), "became NaN or inf", "--ddpm-lr")
+    assert (other / "ddpm.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- unreadable files, overwriting a run
+def test_damaged_checkpoint_and_fresh_run_over_a_run(run, data_dir, tmp_path):
+    """A truncated treevae.pt: --resume and a fresh run used to die in torch's zip reader (exit 1). Now --resume
+    names the file and the remedy; a fresh run into a folder with checkpoints refuses unless --overwrite (which
+    also removes the ddpm.pt of the tree it replaces); --stage ddpm on a finished stage 1 needs neither."""
+    other = copy_run(run, tmp_path / "mnist")
+    raw = (other / "treevae.pt").read_bytes()
+    (other / "treevae.pt").write_bytes(raw[:len(raw) // 2])
+    args = [*SMOKE, "--data-dir", data_dir, "--out", other, "--plan", "false"]
+    fails(cli("train.py", *args, "--resume"), f"cannot read {other / 'treevae.pt'}", "put back a good copy",
+          "--stage treevae --overwrite")
+    fails(cli("train.py", *args), "treevae.pt", "ddpm.pt", "--resume", "--overwrite")
+    assert (other / "treevae.pt").read_bytes() == raw[:len(raw) // 2]
+    (other / "treevae.pt").write_bytes(raw)
+    fails(cli("train.py", *args, "--stage", "ddpm"), f"{other / 'ddpm.pt'} from an earlier run", "--overwrite")
+    fails(cli("train.py", *args, "--resume", "--overwrite"), "give one of them")
+    (other / "metrics.json").write_text('{"treevae": {"nmi": 0.')            # an interrupted write of old code
+    fails(cli("train.py", *args, "--stage", "ddpm", "--resume"), f"cannot read {other / 'metrics.json'}")
+    proc = ok(cli("train.py", *args, "--stage", "treevae", "--overwrite", "--max-steps", 1))
+    assert f"removed {other / 'ddpm.pt'}" in proc.stdout and not (other / "ddpm.pt").exists()
+    assert load(other / "treevae.pt")["state"]["total_steps"] == 1

@@ -17,7 +17,10 @@ sampled per image, and the DDPM learns eps(x_t, t | x_hat^(l), l).
 
 Run folder (default runs/<dataset>): treevae.pt, ddpm.pt (self-contained, written atomically at every epoch
 end, every `ckpt_every` DDPM steps and on Ctrl-C), metrics.json, tree.png and sample grids. A checkpoint holds
-the phase, epoch and batch reached, so --resume continues exactly (same batches, same RNG state).
+the phase, epoch and batch reached, so --resume continues exactly (same batches, same RNG state). A fresh run
+into a folder holding checkpoints refuses (--resume continues them, --overwrite replaces them); ddpm.pt,
+metrics.json and samples.npz record the fingerprints of the weights they were made from, and a NaN/inf loss
+stops training before it is saved over the last good checkpoint.
 """
 import dataclasses
 import json

@@ -776,22 +776,16 @@ def main(argv=None):
     if run.threads:
         torch.set_num_threads(run.threads)              # --threads: before any work (default: torch's choice)
     tv_path, ddpm_path, metrics_path = (os.path.join(run.out, f) for f in ("treevae.pt", "ddpm.pt", "metrics.json"))
-    refuse_overwrite(run, tv_path, ddpm_path)
-    # What this call continues from, read and checked before anything else: a damaged file, NaN weights or a
-    # ddpm.pt trained on another tree is one line (and the files stay as they are).
-    fresh1 = not run.resume and run.stage != "ddpm"     # stage 1 from scratch: the old files are not needed
-    tv_ckpt = read_treevae(run, tv_path) if not fresh1 and os.path.exists(tv_path) else None
-    if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
-        finished_stage1(run, tv_path, tv_ckpt)
-    dm_ckpt = read_ddpm(run, ddpm_path, tv_ckpt, tv_path) if run.resume and run.stage != "treevae" and \
-        os.path.exists(ddpm_path) else None
-    metrics = data.read_json(metrics_path, "move it away (this run writes a new one)") \
-        if os.path.exists(metrics_path) and not fresh1 else {}
+    refuse_overwrite(run, tv_path, ddpm_path)          # before anything is read or trained
     torch.manual_seed(run.seed)
     device, autocast = setup_device(run.device, run.precision)
     images, labels = data.load(run.dataset, "train", run.data_dir)
     test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
     os.makedirs(run.out, exist_ok=True)                 # only once the data are there: no empty run folders
+    # What this call continues from, read and checked before any training or timing: a damaged file, NaN weights
+    # or a ddpm.pt trained on another tree is one line (and the files stay as they are).
+    fresh1 = not run.resume and run.stage != "ddpm"     # stage 1 from scratch: the old files are not needed
+    tv_ckpt = read_treevae(run, tv_path) if not fresh1 and os.path.exists(tv_path) else None
     if run.resume and tv_ckpt is not None:              # a resumed run keeps the schedule it was started with
         tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
         if tv_cfg.dataset != run.dataset:               # same image shape or not: the tree learnt other data
@@ -802,6 +796,12 @@ def main(argv=None):
     print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
           f"device {device}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""))
+    if run.stage == "ddpm":                             # stage 2 alone: say what is missing before any timing
+        finished_stage1(run, tv_path, tv_ckpt)
+    dm_ckpt = read_ddpm(run, ddpm_path, tv_ckpt, tv_path) if run.resume and run.stage != "treevae" and \
+        os.path.exists(ddpm_path) else None
+    metrics = data.read_json(metrics_path, "move it away (this run writes a new one)") \
+        if os.path.exists(metrics_path) and not fresh1 else {}
     if run.plan and not run.resume:
         saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train

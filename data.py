@@ -129,17 +129,28 @@ def load(name, split="train", root="data", download=True, mirrors=None):
     fnames = spec["files"][split]
     folder = _locate(spec, root, fnames)
     missing = [f for f in fnames if _find(folder, f) is None]
+    # Every file of the data set that is not there, both splits: one message then covers all a user must copy
+    # (the test files are needed too, at the end of every run), not only the split asked for first.
+    absent = [f for f in dict.fromkeys(spec["files"]["train"] + spec["files"]["test"]) if _find(folder, f) is None]
+    by_hand = (f"put {', '.join(absent)} into {os.path.abspath(folder)} by hand, or give the folder that holds "
+               f"them with --data-dir")
     if missing and not download:
-        raise DataError(f"{', '.join(missing)} not found in {os.path.abspath(folder)}: "
-                        f"put the files there by hand or call load(..., download=True)")
-    for i, fname in enumerate(missing):
-        _download(fname, folder, mirrors or spec["mirrors"], spec["checksums"][fname], missing[i:])
+        raise DataError(f"{', '.join(missing)} not found in {os.path.abspath(folder)}: {by_hand} "
+                        f"(or call load(..., download=True))")
+    for fname in missing:
+        _download(fname, folder, mirrors or spec["mirrors"], spec["checksums"][fname], by_hand)
     paths = [_find(folder, f) for f in fnames]
+    differ = []  # files that differ from the published ones and have not been noted in this folder before
     if name == "cifar10":
-        images, labels = _read_cifar(paths[0], _CIFAR_MEMBERS[split], spec["checksums"])
+        images, labels = _read_cifar(paths[0], _CIFAR_MEMBERS[split], spec["checksums"], differ)
     else:
-        images, labels = _read_idx(paths[0], 3, spec["checksums"]), _read_idx(paths[1], 1, spec["checksums"])
+        images = _read_idx(paths[0], 3, spec["checksums"], differ)
+        labels = _read_idx(paths[1], 1, spec["checksums"], differ)
         images = images[:, None]  # (N, 1, 28, 28): the grey images get their channel axis
+    if differ:  # one line per call, once per folder: _note_due remembers what was noted
+        print(f"note: {', '.join(os.path.basename(p) for p in differ)} in {os.path.abspath(folder)}: checksum "
+              f"({spec['checksums'][os.path.basename(differ[0])][0]}) differs from the published file; used as is "
+              f"(a subset or another copy?)", file=sys.stderr)
     # The header may be self-consistent and still not be this data set (a wrong file placed by hand).
     want = (spec["channels"], spec["size"], spec["size"])
     if tuple(images.shape[1:]) != want:
@@ -164,20 +175,58 @@ def _find(folder, fname):
 
 def _locate(spec, root, fnames):
     """The folder to read from: root/<folder> (parent layout) or root (the folder itself), complete first."""
-    sub = os.path.join(root, spec["folder"])
-    for present in (all, any):  # a complete folder wins; a partial one is completed where it is
+    sub, every = os.path.join(root, spec["folder"]), spec["files"]["train"] + spec["files"]["test"]
+    # A complete folder wins; a partial one (holding any file of the data set, of either split) is completed
+    # where it is, so both splits are looked for in the same place.
+    for present, names in ((all, fnames), (any, every)):
         for folder in (sub, root):
-            if present(_find(folder, f) for f in fnames):
+            if present(_find(folder, f) for f in names):
                 return folder
     # Nothing there yet: download into root/<folder>, unless root already is that folder.
     return root if os.path.basename(os.path.normpath(root)) == spec["folder"] else sub
 
 
-_noted = set()  # files whose checksum note was printed (once per process is enough)
+_noted = set()  # files noted in this process (a read-only folder cannot remember them)
+_RECORD = ".checksums.json"  # beside the data: {file name: [size, mtime_ns, algorithm, hex digest]}
 
 
-def _read_checked(path, checksums):
-    """The bytes of a file; a published file under its published name is compared with its checksum."""
+def _note_due(path, raw, algo, published):
+    """True when path (its bytes: raw) differs from the published file and this folder has not said so before.
+    Such a file is remembered in the folder's record, keyed by its size and modification time (a file copied
+    over it is checked afresh), so later calls skip both the note and the hashing. Files that match are not
+    recorded: the folder keeps only the data unless there is something to remember. A folder without write
+    permission (or any write error) keeps no record: everything still works, the note just comes every call."""
+    folder, name = os.path.split(path)
+    st, record_path = os.stat(path), os.path.join(folder, _RECORD)
+    key = [st.st_size, st.st_mtime_ns, algo]
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        entry = record.get(name)
+    except (OSError, ValueError, AttributeError):  # none yet, unreadable or not ours: start afresh
+        record, entry = {}, None
+    if isinstance(entry, list) and entry[:3] == key:
+        return False  # noted on an earlier call
+    digest = hashlib.new(algo, raw).hexdigest()
+    if digest == published:
+        return False
+    # Root may write into a folder marked read-only; a folder without write bits is left alone even so.
+    if os.stat(folder or ".").st_mode & 0o222:
+        record[name], tmp = key + [digest], None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{_RECORD}.", suffix=".part", dir=folder or ".")
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, record_path)  # atomic: two processes at once never leave a half-written record
+        except OSError:
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
+    return True
+
+
+def _read_checked(path, checksums, differ):
+    """The bytes of a file; a published file under its published name is compared with its checksum, and
+    appended to `differ` when it differs and was not noted before (_note_due; once per process in any case)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -186,17 +235,16 @@ def _read_checked(path, checksums):
     algo, digest = checksums.get(os.path.basename(path), (None, None))
     # A differing checksum is only a note: subsets and re-encodings placed by hand are fine if the
     # format checks below pass. Downloads were verified before they got their final name.
-    if algo and path not in _noted and hashlib.new(algo, raw).hexdigest() != digest:
+    if algo and path not in _noted and _note_due(path, raw, algo, digest):
         _noted.add(path)
-        print(f"note: {path} differs from the published file ({algo}); using it as it is "
-              f"(a subset or another copy?)", file=sys.stderr)
+        differ.append(path)
     return raw
 
 
-def _read_idx(path, ndim, checksums):
+def _read_idx(path, ndim, checksums, differ):
     """The array of an IDX file (gzip or raw), after checking magic number, dimensions and size."""
     remedy = "delete it and rerun to download it again, or place a valid copy there by hand"
-    raw = _read_checked(path, checksums)
+    raw = _read_checked(path, checksums, differ)
     if raw[:2] == b"\x1f\x8b":  # gzip magic: decompress in one go (~0.25 s for 47 MB)
         try:
             raw = gzip.decompress(raw)
@@ -216,10 +264,10 @@ def _read_idx(path, ndim, checksums):
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy()
 
 
-def _read_cifar(path, members, checksums):
+def _read_cifar(path, members, checksums, differ):
     """(images (N, 3, 32, 32), labels (N,)) from the named members of the CIFAR-10 binary tar archive."""
     remedy = "delete it and rerun to download it again, or place the real cifar-10-binary.tar.gz by hand"
-    raw = _read_checked(path, checksums)
+    raw = _read_checked(path, checksums, differ)
     found = {}
     try:
         # Stream mode ('r|*'): one pass through the (gzip) archive, members read in memory, never extracted.
@@ -248,10 +296,10 @@ def _read_cifar(path, members, checksums):
     return records[:, 1:].reshape(-1, 3, 32, 32).copy(), records[:, 0].copy()
 
 
-def _download(fname, folder, mirrors, checksum, missing):
-    """Fetch fname from the first mirror that serves it with the right checksum, atomically."""
+def _download(fname, folder, mirrors, checksum, by_hand):
+    """Fetch fname from the first mirror that serves it with the right checksum, atomically. by_hand: the
+    remedy that ends the error when no mirror serves it (which files to place where)."""
     where = os.path.abspath(folder)
-    by_hand = f"put {', '.join(missing)} into {where} by hand"
     created = not os.path.isdir(folder)  # a failed download removes the (empty) folder it made
     try:
         os.makedirs(folder, exist_ok=True)
@@ -260,7 +308,7 @@ def _download(fname, folder, mirrors, checksum, missing):
         fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".part", dir=folder)
         os.close(fd)
     except OSError as e:
-        raise DataError(f"cannot write into {where} ({e.strerror}): pass a writable root, or {by_hand}") from None
+        raise DataError(f"cannot write into {where} ({e.strerror}): pass a writable folder, or {by_hand}") from None
     algo, digest = checksum
     tried = []
     try:

@@ -121,6 +121,52 @@ def test_offline_error_names_urls_and_folder(tmp_path):
         data.load("mnist", "test", root=str(tmp_path), download=False)
 
 
+def test_offline_error_names_every_missing_file_and_data_dir(tmp_path):
+    """Offline, the first error names all files of the data set that are missing, the test split's too (they
+    are needed at the end of every run), and the --data-dir option: one round trip, not two."""
+    with pytest.raises(data.DataError) as err:
+        data.load("mnist", "train", root=str(tmp_path), mirrors=["file:///nonexistent/"])
+    message = str(err.value)
+    for fname in data._IDX_FILES["train"] + data._IDX_FILES["test"]:
+        assert fname in message.split("if offline")[1], message
+    assert "--data-dir" in message and os.path.abspath(tmp_path / "mnist") in message
+    # The training files copied by hand (straight into root): the test files are looked for, and named, there.
+    write_mnist(tmp_path, "train")
+    with pytest.raises(data.DataError) as err:
+        data.load("mnist", "test", root=str(tmp_path), download=False)
+    message = str(err.value)
+    assert "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz into " + os.path.abspath(tmp_path) in message
+    assert "train-images" not in message and "--data-dir" in message and "download=True" in message
+
+
+def test_checksum_note_once_per_folder(tmp_path, capsys, monkeypatch):
+    """Files that differ from the published ones get their note once per folder, not on every call: the folder
+    remembers them by size and modification time; a changed file is noted again; a read-only folder still loads
+    (it only cannot remember)."""
+    write_mnist(tmp_path)
+    data.load("mnist", "train", root=str(tmp_path), download=False)
+    note = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(note) == 1 and "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in note[0], note
+    monkeypatch.setattr(data, "_noted", set())                     # a new process
+    data.load("mnist", "train", root=str(tmp_path), download=False)
+    assert "note:" not in capsys.readouterr().err
+    write_mnist(tmp_path, seed=1)                                  # other files copied over them
+    monkeypatch.setattr(data, "_noted", set())
+    data.load("mnist", "train", root=str(tmp_path), download=False)
+    assert "differs from the published file" in capsys.readouterr().err
+    frozen = tmp_path / "frozen"
+    write_mnist(frozen)
+    os.chmod(frozen, 0o555)
+    try:
+        for _ in range(2):
+            monkeypatch.setattr(data, "_noted", set())
+            x, _ = data.load("mnist", "train", root=str(frozen), download=False)
+            assert len(x) == 7 and "differs from the published file" in capsys.readouterr().err
+        assert sorted(os.listdir(frozen)) == sorted(data._IDX_FILES["train"])   # nothing written there
+    finally:
+        os.chmod(frozen, 0o755)
+
+
 # ----------------------------------------------------------------------------- CIFAR-10 binary
 def write_cifar(path, members, n=3, seed=0):
     """A tiny cifar-10-binary.tar.gz; returns {member: (images (n, 3, 32, 32), labels (n,))}."""

@@ -236,3 +236,6 @@ if __name__ == "__main__":
     except (data.DataError, ddpm.DDPMError, FileNotFoundError) as e:    # e.g. --device cuda without a GPU
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:                       # the JSON lines printed so far stand; nothing is written
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -26,6 +26,7 @@ uint8 {0..255} --to_float--> [0, 1] (TreeVAE) or [-1, 1] (DDPM, signed=True) --t
     for x, y in batches.epoch(e): ...                               # x (B, 1, 28, 28) float in [0, 1]
 """
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -217,6 +218,7 @@ def _note_due(path, raw, algo, published):
             fd, tmp = tempfile.mkstemp(prefix=f"{_RECORD}.", suffix=".part", dir=folder or ".")
             with os.fdopen(fd, "w") as f:
                 json.dump(record, f)
+            os.chmod(tmp, 0o644)  # mkstemp's 0o600 would hide the record from the folder's other users
             os.replace(tmp, record_path)  # atomic: two processes at once never leave a half-written record
         except OSError:
             if tmp and os.path.exists(tmp):
@@ -336,6 +338,27 @@ def _download(fname, folder, mirrors, checksum, by_hand):
     if created and not os.listdir(folder):
         os.rmdir(folder)
     raise DataError(f"could not download {fname}: tried {'; '.join(tried)}; if offline, {by_hand}")
+
+
+@contextlib.contextmanager
+def new_folder(path):
+    """Make the folder `path` (and its missing parents) for the block; when the block ends by an exception (an
+    error, Ctrl-C) before anything was written there, remove the folders it made, so that no empty run folder is
+    left behind. A folder that existed before is never removed."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.isdir(p):  # the folders this call creates, deepest first
+        made.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                os.rmdir(folder)  # only an empty folder goes
+            except OSError:
+                break
+        raise
 
 
 # ----------------------------------------------------------------------------- pixel ranges

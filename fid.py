@@ -35,7 +35,7 @@ Legend: mu (d,) feature mean, sigma (d, d) feature covariance (unbiased, 1/(N-1)
 pytorch-fid), F point estimate, F_star (B,) bootstrap replicates, N images, d feature dimension.
 
 Run:  python fid.py --real-vs-real --dataset fashion_mnist --root ../shared/data     (the floor)
-      python fid.py --run runs/mnist --dataset mnist --split test                    (score RUN/samples.npz)
+      python fid.py --run runs/mnist                                 (score RUN/samples.npz against its test split)
       python fid.py --help
 """
 import contextlib
@@ -654,13 +654,24 @@ def _check_run_samples(run, path, arrays):
                            f"{os.path.join(run, 'samples.png')}, or score the file as it is with --gen {path}")
 
 
+def run_data(run_dir):
+    """{'dataset': ..., 'data_dir': ...} of a run folder, from the RunConfig train.py saves in RUN/treevae.pt;
+    {} when there is no such file (then --dataset must say it)."""
+    path = os.path.join(run_dir, "treevae.pt")
+    if not os.path.exists(path):
+        return {}
+    info = data.read_checkpoint(path, "give --dataset (and --root) for the run's data").get("run") or {}
+    return {k: info[k] for k in ("dataset", "data_dir") if k in info}
+
+
 def parser():
     """fid.py's command line."""
     p = data.Parser(prog="fid.py", description="FID with a bootstrap interval; prints one result line.",
                     epilog="examples:\n  python fid.py --real-vs-real --dataset fashion_mnist --root ../shared/data"
-                           "\n  python fid.py --gen samples.npz --dataset mnist --split test\n  python fid.py "
-                           "--gen-feats a.npz --ref-feats b.npz")
-    p.add_argument("--run", help="run folder: scores RUN/samples.npz (key 'images', (N, C, H, W) uint8)")
+                           "\n  python fid.py --run runs/mnist\n  python fid.py --gen samples.npz --dataset mnist "
+                           "--split test\n  python fid.py --gen-feats a.npz --ref-feats b.npz")
+    p.add_argument("--run", help="run folder: scores RUN/samples.npz (key 'images', (N, C, H, W) uint8) against "
+                   "the data set and data folder the run was trained on (saved in RUN/treevae.pt)")
     p.add_argument("--gen", help=".npz of generated images, key 'images': (N, C, H, W) uint8 or floats in [0, 1]")
     p.add_argument("--ref", help=".npz of reference images (key 'images'); default: --dataset's --split")
     p.add_argument("--gen-feats", help=".npz of generated features, key 'features' (N, D)")
@@ -670,7 +681,8 @@ def parser():
     p.add_argument("--dataset", help="mnist | fashion_mnist | cifar10: reference set and offline extractor")
     p.add_argument("--split", default="test", choices=["test", "train"],
                    help="the reference images: --dataset's test or train split")
-    p.add_argument("--root", default="data", help="data folder for data.load")
+    p.add_argument("--root", "--data-dir", dest="root", help="data folder for data.load; default: the run's with "
+                   "--run, else data")
     p.add_argument("--n", type=data.Range(int, ge=2), help="use the first N generated images (real-vs-real: N train "
                    "images; a covariance needs two); default all")
     p.add_argument("--extractor", default="offline", choices=["offline", "inception", "tf-inception"],
@@ -713,7 +725,10 @@ def main(argv=None):
             res = bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device)
             res.update(ref_name=a.ref_feats, extractor=f"features from {a.gen_feats}")
         else:
-            name = data.canonical_name(a.dataset) if a.dataset else None
+            trained = run_data(a.run) if a.run else {}       # the run knows its data set and data folder
+            dataset = a.dataset or trained.get("dataset")
+            name = data.canonical_name(dataset) if dataset else None
+            a.root = a.root or trained.get("data_dir") or "data"
             if a.real_vs_real:                          # two disjoint real samples
                 if not name:
                     raise FIDError("--real-vs-real needs --dataset")
@@ -728,7 +743,8 @@ def main(argv=None):
             else:
                 gen_path = os.path.join(a.run, "samples.npz") if a.run else a.gen
                 if a.run and not os.path.exists(gen_path):
-                    raise FIDError(f"{gen_path} not found; write the run's samples there (key 'images') first")
+                    raise FIDError(f"{gen_path} not found: train.py writes it with a run's figures; score other "
+                                   f"samples with --gen FILE.npz (sample.py writes one beside each picture)")
                 images_gen, arrays = _load_npz(gen_path, "images")
                 images_gen, gen_name = images_gen[:a.n], gen_path
                 if a.run:
@@ -764,6 +780,9 @@ def main(argv=None):
     except (FIDError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:          # the extractor's cache is written atomically: nothing half-made is left
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ in tv.leaves); leaf_probs (n, n_leaves); L = n_leaves. Pixel ranges are converte
     python sample.py --run runs/mnist --all-leaves     rows: root samples; columns: leaves; TreeVAE over refined
     python sample.py --run runs/mnist --recons         test images: original, TreeVAE reconstruction, refined
     python sample.py --run runs/mnist --stage treevae  stage 1 alone (no ddpm.pt needed)
+    python sample.py --run runs/mnist --tree --stage treevae    tree.png redrawn with the TreeVAE's own images
+                                                       (<run>/tree_treevae.png; without --stage: refined, tree.png)
     python sample.py --run runs/mnist --sampler ddim   DDIM with the run's ddim_steps (100 but in the smoke preset):
                                                        ~10x faster than the default ancestral sampler (the
                                                        authors', all T steps), less robust (README)
@@ -27,9 +29,12 @@ Each call writes a PNG grid and an .npz beside it (key 'images': uint8 (N, C, H,
 scores it). train.py calls make_figures (tree.png, samples.png/.npz, all_leaves.png) and compute_fid.
 """
 import dataclasses
+import json
 import math
 import os
 import sys
+import textwrap
+from types import SimpleNamespace
 from dataclasses import dataclass
 
 import matplotlib
@@ -66,6 +71,8 @@ class SampleConfig:
     eta: float = setting(None, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance; "
                                "default: the run's ddim_eta", kind=float, ge=0, le=1)
     all_leaves: bool = setting(False, "one root sample and one noise per row, refined at every leaf")
+    tree: bool = setting(False, "draw the run's tree with --n samples under each leaf (default 3); with --stage "
+                                "treevae its TreeVAE images (default file <run>/tree_treevae.png)")
     stage: str = setting("diffusion", "diffusion (refined by the DDPM) | treevae (stage-1 images, no DDPM)",
                          choices=("diffusion", "treevae"))
     recons: bool = setting(False, "refine the argmax-leaf reconstructions of real test images")
@@ -91,6 +98,8 @@ class Models:
     ddpm_path: str = ""
     tv_id: str = ""             # their fingerprints (data.fingerprint), recorded in the files made from them
     ddpm_id: str = ""           # "" without a usable U-Net
+    preset: str = "paper"       # the preset stage 1 was trained with (train.py's RunConfig in treevae.pt)
+    ddpm_preset: str = "paper"  # and stage 2 (ddpm.pt; older files do not say: stage 1's is assumed)
 
 
 def _guess_dataset(run_dir):
@@ -111,8 +120,8 @@ def load_run(run_dir, device="cpu"):
     ckpt = data.read_checkpoint(tv_path, f"retrain with {make} --overwrite", finite=("state_dict",))
     info = ckpt.get("run") or {}                        # train.py's RunConfig, saved in the checkpoint
     dataset, data_dir = info.get("dataset", _guess_dataset(run_dir)), info.get("data_dir", "data")
-    cmd = f"python train.py --dataset {dataset} --preset {info.get('preset', 'paper')} --out {run_dir}" + \
-          (f" --data-dir {data_dir}" if data_dir != "data" else "")
+    preset = ddpm_preset = info.get("preset", "paper")
+    cmd = train.command(SimpleNamespace(dataset=dataset, preset=preset, out=run_dir, data_dir=data_dir))
     if ckpt.get("version") != treevae.VERSION:
         raise SampleError(f"{tv_path} comes from an incompatible version of this code (checkpoint version "
                           f"{ckpt.get('version')}, this code reads {treevae.VERSION}): retrain with {cmd} "
@@ -144,12 +153,14 @@ def load_run(run_dir, device="cpu"):
             unet.load_state_dict(d["ema"])                  # the EMA weights: what one samples with
             unet = unet.to(device).eval().requires_grad_(False)
             diffusion = ddpm.Diffusion(dcfg).to(device)
+            ddpm_preset = (d.get("run") or {}).get("preset", preset)
             st, budget = d["state"], dcfg.max_steps or math.inf
             if st["epoch"] < dcfg.epochs and st["global_step"] < budget:
                 print(f"note: {dm_path} is an unfinished stage 2 (epoch {st['epoch']}/{dcfg.epochs}, "
                       f"{st['global_step']} steps); sampling with its EMA weights so far")
     return Models(tv, unet, diffusion, dataset, data_dir, problem, tv_path, dm_path,
-                  data.fingerprint(ckpt["state_dict"]), data.fingerprint(d["ema"]) if unet is not None else "")
+                  data.fingerprint(ckpt["state_dict"]), data.fingerprint(d["ema"]) if unet is not None else "",
+                  preset, ddpm_preset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,10 +252,42 @@ def tile(images, ncol, pad=2, fill=255):
     return grid[..., 0] if C == 1 else grid
 
 
-def save_grid(path, images, ncol):
-    """A PNG of the tiled images (uint8 (N, C, H, W)), one image pixel per PNG pixel."""
+LINE_PX, LABEL_PX, MIN_WIDTH_PX = 12, 52, 240   # a title line, the row-label column, the narrowest picture
+
+
+def wrap(text, width):
+    """A title's lines of at most `width` characters, never breaking an option such as --leaf at its hyphens."""
+    return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
+def _savefig(fig, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)   # made only now: an interrupted call leaves none
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_grid(path, images, ncol, title="", row_labels=None):
+    """A PNG of the tiled images (uint8 (N, C, H, W)) under a title. The grid keeps one image pixel per PNG pixel:
+    the picture's bottom-left corner is exactly tile(images, ncol). The title is wrapped above it; row_labels
+    name the grid's rows on its left, cycled (e.g. original / TreeVAE / refined)."""
     grid = tile(images, ncol)
-    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=255)     # cmap is ignored for colour pictures
+    grid = np.repeat(grid[..., None], 3, 2) if grid.ndim == 2 else grid     # (h, w, 3)
+    (h, w), left = grid.shape[:2], LABEL_PX if row_labels else 0
+    width = max(left + w, MIN_WIDTH_PX)
+    lines = wrap(title, int(width / 5.3))                                   # ~5 px per character at 7 pt
+    top = LINE_PX * len(lines) + 4 * bool(lines)
+    canvas = np.full((top + h, width, 3), 255, np.uint8)
+    canvas[top:, left:left + w] = grid
+    fig = plt.figure(figsize=(width / 100, (top + h) / 100), dpi=100)
+    fig.figimage(canvas, 0, 0, origin="upper")                             # pixel for pixel, no resampling
+    to_fig = lambda x, y: (x / width, 1 - y / (top + h))                   # picture pixels -> figure fraction
+    for k, line in enumerate(lines):
+        fig.text(*to_fig(3, 2 + LINE_PX * (k + 0.5)), line, fontsize=7, va="center")
+    H, pad = images.shape[-2], 2
+    for r in range(-(-len(images) // ncol) if row_labels else 0):
+        fig.text(*to_fig(left - 4, top + pad + r * (H + pad) + H / 2), row_labels[r % len(row_labels)],
+                 fontsize=6, ha="right", va="center")
+    _savefig(fig, path)
 
 
 def pixels(m, x, refined=False):
@@ -263,7 +306,7 @@ def save_npz(path, m, refined, **arrays):
     os.replace(path + ".tmp", path)
 
 
-def save_all_leaves(m, path, x_hat, x, labels=None):
+def save_all_leaves(m, path, x_hat, x, labels=None, title=""):
     """The signature figure: columns = leaves; per root sample a row of TreeVAE images x_hat^(l) and, below it,
     their refinements (one x_T per row pair). x_hat (n, L, C, H, W) in [0, 1], x in [-1, 1] or None."""
     n, L = x_hat.shape[:2]
@@ -280,9 +323,10 @@ def save_all_leaves(m, path, x_hat, x, labels=None):
     ax.tick_params(length=0)
     ax.xaxis.tick_top()
     ax.set_frame_on(False)
+    # the title spans the figure: ~19 characters of 6 pt per inch
+    fig.suptitle("\n".join(wrap(title, int(19 * fig.get_figwidth()))), fontsize=6)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _savefig(fig, path)
 
 
 def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None):
@@ -310,10 +354,14 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
     depth, cell = max(tv.depth.values()), 0.62          # one image: 0.62 units square
     bottom = -depth - 0.3 - m * cell - 0.75             # room for the deepest strip and its caption
     span = max(L, 4.0)
-    fig = plt.figure(figsize=(span * unit, (0.8 - bottom) * unit), dpi=150)
+    # The title's lines, wrapped to the width (6 pt characters: ~18 per unit), stacked above the root
+    title = "\n".join(w for line in (title or f"TreeVAE, {L} leaves").split("\n")
+                      for w in wrap(line, int(18 * span)))
+    top = 0.45 + 0.14 * (title.count("\n") + 1)
+    fig = plt.figure(figsize=(span * unit, (top - bottom) * unit), dpi=150)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(-0.5 - (span - L) / 2, L - 0.5 + (span - L) / 2)
-    ax.set_ylim(bottom, 0.8)
+    ax.set_ylim(bottom, top)
     ax.set_aspect("equal")
     ax.axis("off")
     for i in tv.walk():                                 # edges, behind the nodes
@@ -342,10 +390,8 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
             ([f"label {majority[k]}"] if majority and majority[k] is not None else [])
         ax.text(x[i], top - len(leaf_images[k]) * cell - 0.05, "\n".join(caption), fontsize=5.5, ha="center",
                 va="top")
-    ax.text(sum(ax.get_xlim()) / 2, 0.5, title or f"TreeVAE, {L} leaves", fontsize=6, ha="center", va="center",
-            wrap=True)
-    fig.savefig(path)
-    plt.close(fig)
+    ax.text(sum(ax.get_xlim()) / 2, 0.35, title, fontsize=6, ha="center", va="bottom", linespacing=1.3)
+    _savefig(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,6 +435,48 @@ def drop_stale(metrics, m):
     return metrics
 
 
+def smoke_note(m, refined):
+    """What a smoke run's picture can show, for its title ("" for the other presets: train.py's preset is saved in
+    the checkpoints)."""
+    if (m.ddpm_preset if refined else m.preset) != "smoke":
+        return ""
+    shown = "refined images are noise (the DDPM trained a few steps)" if refined else \
+        "a tiny TreeVAE, one epoch per phase, draws blurry images at best"
+    return f"SMOKE RUN, a one-minute pipeline check, not a result: {shown}; use --preset fast or paper"
+
+
+def titled(text, m, refined):
+    """A grid's title: what it shows, then the smoke note if the run is one."""
+    note = smoke_note(m, refined)
+    return f"{text}. {note}" if note else text
+
+
+def leaf_metrics(m, metrics):
+    """(leaf sizes, majority labels) from metrics['treevae'], each None unless it belongs to this tree."""
+    tvm = (metrics or {}).get("treevae") or {}
+    fits = lambda v: v if v is not None and len(v) == m.tv.n_leaves else None   # metrics of another tree: skip
+    return fits(tvm.get("leaf_sizes")), fits(tvm.get("leaf_majority"))
+
+
+def save_tree(path, m, images, metrics, what, refined, hint=""):
+    """The tree figure: plot_tree with a strip of each leaf's images (uint8 (n, L, C, H, W): images[:, k] under
+    leaf k), the leaf sizes and majority labels of metrics['treevae'] when they belong to this tree, and a title
+    saying what it shows (`what`, `hint`, the smoke note). Leaf k is tv.leaves[k], the index --leaf k samples and
+    the cluster label: breadth-first, so the numbers need not grow from left to right."""
+    sizes, majority = leaf_metrics(m, metrics)
+    lines = [f"{m.dataset}: {m.tv.n_leaves} leaves; under each, {what}",
+             "leaf k = sample.py --leaf k" + ("; edge width: share of the test set" if sizes else ""), hint,
+             smoke_note(m, refined)]
+    plot_tree(m.tv, path, [images[:, k] for k in range(m.tv.n_leaves)], sizes, majority,
+              title="\n".join(line for line in lines if line))
+
+
+def all_leaves_title(m, n, cfg, refined):
+    return titled(f"{m.dataset}: {n} root samples z_0 (rows) x {m.tv.n_leaves} leaves (column k = sample.py --leaf "
+                  f"k); " + (f"each TreeVAE image over its refinement ({sampler_name(m, cfg)}), one z_0 and one "
+                             f"noise per row pair" if refined else "TreeVAE images"), m, refined)
+
+
 def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, seed=0, sampler="ddpm", eta=None):
     """<run>/tree.png, all_leaves.png, samples.png (+ samples.npz for fid.py --run): refined images when the run
     has a DDPM, TreeVAE images otherwise. Leaf sizes and majority labels come from metrics['treevae']; sections of
@@ -402,21 +490,24 @@ def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, 
     cfg, g = _stage_config(m, steps, eta, sampler=sampler), _generator(device, seed)
     x_hat, x, _ = all_leaves(m, rows, cfg, g)                          # (rows, L, C, H, W)
     final = pixels(m, x_hat) if x is None else pixels(m, x, refined=True)
-    tvm = (metrics or {}).get("treevae") or {}
-    fits = lambda v: v if v is not None and len(v) == m.tv.n_leaves else None   # metrics of another tree: skip
-    sizes, majority = fits(tvm.get("leaf_sizes")), fits(tvm.get("leaf_majority"))
-    what = "refined" if x is not None else "TreeVAE"
-    plot_tree(m.tv, os.path.join(run_dir, "tree.png"), [final[:3, k] for k in range(m.tv.n_leaves)], sizes,
-              majority, title=f"{m.dataset}: {m.tv.n_leaves} leaves, {what} samples" +
-                              ("\nedge width: share of the test set" if sizes else ""))
-    save_all_leaves(m, os.path.join(run_dir, "all_leaves.png"), x_hat, x, majority)
+    refined = x is not None
+    what = "refined" if refined else "TreeVAE"
+    save_tree(os.path.join(run_dir, "tree.png"), m, final[:3], metrics,
+              f"3 {what} samples" + (f" ({sampler_name(m, cfg)})" if refined else ""), refined,
+              "the TreeVAE's own images: sample.py --tree --stage treevae" if refined else "")
+    save_all_leaves(m, os.path.join(run_dir, "all_leaves.png"), x_hat, x, leaf_metrics(m, metrics)[1],
+                    title=all_leaves_title(m, rows, cfg, refined))
     x_hat, x, leaf = sample(m, n, "sample", cfg, g)
     images = pixels(m, x_hat) if x is None else pixels(m, x, refined=True)
-    save_grid(os.path.join(run_dir, "samples.png"), images, math.ceil(math.sqrt(n)))
+    save_grid(os.path.join(run_dir, "samples.png"), images, math.ceil(math.sqrt(n)),
+              title=titled(f"{m.dataset}: {n} samples, leaves drawn from P(l | z_0); " +
+                           (f"refined ({sampler_name(m, cfg)})" if refined else "TreeVAE images"), m, refined))
     save_npz(os.path.join(run_dir, "samples.npz"), m, x is not None, images=images, leaf=leaf,
              treevae=pixels(m, x_hat))
     print(f"wrote {run_dir}/tree.png, all_leaves.png ({rows} root samples x {m.tv.n_leaves} leaves) and "
           f"samples.png/.npz ({n} {what} samples" + (f", {sampler_name(m, cfg)})" if x is not None else ")"))
+    if smoke_note(m, refined):
+        print(f"note: {smoke_note(m, refined)}")
 
 
 def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=None, cache_dir="cache", how="argmax",
@@ -454,6 +545,8 @@ def run(cfg):
     load, generate, save, say what was written."""
     if cfg.all_leaves and (cfg.recons or cfg.leaf >= 0):
         raise SampleError("--all-leaves shows every leaf: drop --leaf and --recons, or drop --all-leaves")
+    if cfg.tree and (cfg.all_leaves or cfg.recons or cfg.leaf >= 0):
+        raise SampleError("--tree shows every leaf: drop --leaf, --recons and --all-leaves, or drop --tree")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)                      # --threads: before any work
     device, _ = train.setup_device(cfg.device)                  # the one hardware block lives in train.py
@@ -473,20 +566,28 @@ def run(cfg):
     mode = "all_leaves" if cfg.all_leaves else "recons" if cfg.recons else f"leaf{cfg.leaf}" if cfg.leaf >= 0 \
         else "sampled"
     suffix = "_treevae" if cfg.stage == "treevae" else "_ddim" if cfg.sampler == "ddim" else ""
-    out = cfg.out or os.path.join(cfg.run, f"samples_{mode}{suffix}.png")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    # the folder of `out` is made when the picture is saved (_savefig): Ctrl-C before that leaves no empty one
+    out = cfg.out or os.path.join(cfg.run, f"tree{suffix}.png" if cfg.tree else f"samples_{mode}{suffix}.png")
     npz = os.path.splitext(out)[0] + ".npz"
     refined = cfg.stage == "diffusion"
     to_u8 = lambda x: None if x is None else pixels(m, x, refined=True)
-    if cfg.all_leaves:
-        n = cfg.n or 8
+    how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
+    if cfg.all_leaves or cfg.tree:
+        n = cfg.n or (3 if cfg.tree else 8)
         x_hat, x, leaf_probs = all_leaves(m, n, cfg, g)
-        save_all_leaves(m, out, x_hat, x)
+        final = to_u8(x) if refined else pixels(m, x_hat)                          # (n, L, C, H, W)
+        if cfg.tree:                  # the run's tree figure, with leaf sizes and labels from its metrics.json
+            metrics_path = os.path.join(cfg.run, "metrics.json")
+            metrics = drop_stale(data.read_json(metrics_path, "move it away (train.py writes a new one)"), m) \
+                if os.path.exists(metrics_path) else {}
+            save_tree(out, m, final, metrics, f"{n} " + (f"refined samples ({how_made})" if refined
+                                                         else "TreeVAE samples"), refined)
+        else:
+            save_all_leaves(m, out, x_hat, x, title=all_leaves_title(m, n, cfg, refined))
         leaf = torch.arange(L).repeat(n)                                           # (n * L,) row-major
-        final = to_u8(x) if refined else pixels(m, x_hat)
         save_npz(npz, m, refined, images=final.flatten(0, 1), leaf=leaf, treevae=pixels(m, x_hat).flatten(0, 1),
                  leaf_probs=leaf_probs)
-        what = f"{n} root samples x {L} leaves"
+        what = ("the tree, " if cfg.tree else "") + f"{n} root samples x {L} leaves"
     elif cfg.recons:
         n = cfg.n or 16
         images, _ = data.load(m.dataset, "test", cfg.data_dir or m.data_dir)
@@ -496,17 +597,20 @@ def run(cfg):
         ncol = min(n, 16)                                 # blocks of ncol columns: original / TreeVAE / refined
         padded = [torch.cat([r, torch.full((-n % ncol, *r.shape[1:]), 255, dtype=torch.uint8)]) for r in rows]
         blocks = [r[s:s + ncol] for s in range(0, n, ncol) for r in padded]
-        save_grid(out, torch.cat(blocks), ncol)
-        save_npz(npz, m, refined, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
         what = f"{n} test images: original, TreeVAE reconstruction" + (", refined" if refined else "")
+        labels = ["original", "TreeVAE", "refined"][:len(rows)]
+        save_grid(out, torch.cat(blocks), ncol, row_labels=labels,
+                  title=titled(f"{m.dataset}: {n} test images (rows: {', '.join(labels)}): the TreeVAE "
+                               f"reconstruction at the most probable leaf" +
+                               (f", refined ({how_made})" if refined else ""), m, refined))
+        save_npz(npz, m, refined, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
     else:
         n = cfg.n or 64
         x_hat, x, leaf = sample(m, n, how, cfg, g)
         final = to_u8(x) if refined else pixels(m, x_hat)
-        save_grid(out, final, math.ceil(math.sqrt(n)))
-        save_npz(npz, m, refined, images=final, leaf=leaf, treevae=pixels(m, x_hat) if refined else None)
         what = f"{n} samples, " + (f"leaf {cfg.leaf}" if cfg.leaf >= 0 else "leaves drawn from P(l | z_0)")
-    how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
+        save_grid(out, final, math.ceil(math.sqrt(n)), title=titled(f"{m.dataset}: {what}; {how_made}", m, refined))
+        save_npz(npz, m, refined, images=final, leaf=leaf, treevae=pixels(m, x_hat) if refined else None)
     print(f"wrote {out} ({what}; {how_made}) and {npz} (key 'images': uint8 (N, C, H, W))")
     return out
 
@@ -534,6 +638,9 @@ def cli(argv=None):
     except (data.DataError, ddpm.DDPMError) as e:               # SampleError is a DataError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                                   # pictures are written last: none half-made
+        print("interrupted (Ctrl-C); no picture written by this call", file=sys.stderr)
+        return 130
     return 0
 
 

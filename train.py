@@ -26,7 +26,9 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,18 +219,21 @@ def diverged_remedy(stage):
 # Stage 1: grow the TreeVAE
 
 class Interrupt:
-    """Ctrl-C sets a flag that the training loops check after every step, so the checkpoint is written at a
-    step boundary (a second Ctrl-C aborts at once)."""
+    """While training, Ctrl-C sets a flag that the training loops check after every step, so the checkpoint is
+    written at a step boundary (a second Ctrl-C aborts at once). restore() gives Ctrl-C back its plain meaning
+    (KeyboardInterrupt: main's one-line message) for what follows training: figures, FID."""
     def __init__(self):
         self.requested = False
-        import signal
-        signal.signal(signal.SIGINT, self.handler)
+        self.previous = signal.signal(signal.SIGINT, self.handler)
 
     def handler(self, *_):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print("\nCtrl-C: saving a checkpoint at the end of this step (press again to abort without saving)")
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 class TrainStep:
@@ -308,7 +313,6 @@ class TreeStage:
         self.model, self.opt, self.steps_this_call = treevae.TreeVAE(cfg).to(device), None, 0
         self.st = {"phase": "init", "phase_idx": 0, "epoch": 0, "step": 0, "splits": 0, "retrained_at": 0,
                    "node": -1, "members": torch.zeros(0, dtype=torch.long), "log": [], "total_steps": 0}
-        self.interrupt = Interrupt()
 
     # -- checkpoint --------------------------------------------------------------------------------------------
     def save(self):
@@ -381,6 +385,7 @@ class TreeStage:
 
     def fit(self):
         cfg, st, model = self.cfg, self.st, self.model
+        self.interrupt = Interrupt()                   # Ctrl-C saves at the next step boundary while fitting
         while st["phase"] != "done":
             model = self.model
             if st["phase"] == "init":
@@ -427,6 +432,7 @@ class TreeStage:
                 self.train_phase("finetune", cfg.epochs_finetune, self.train_images, list(model.parameters()))
                 self.validate("finetune")
                 self.next_phase("done")
+        self.interrupt.restore()
         self.model.eval()
         return self.model
 
@@ -520,7 +526,7 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
                       remedy)
         save_atomic({"version": treevae.VERSION, "config": dataclasses.asdict(dcfg), "model": unet.state_dict(),
                      "ema": ema.model.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
-                     "n_leaves": tv.n_leaves, "treevae_id": tv_id}, path)
+                     "n_leaves": tv.n_leaves, "treevae_id": tv_id, "run": dataclasses.asdict(run)}, path)
 
     net = torch.compile(unet) if run.compile else unet
     x_hat_all, probs_all = leaf_reconstructions(tv, train_images, device)      # (N, L, C, H, W), (N, L)
@@ -552,6 +558,7 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
         st["epoch"], st["step"] = epoch + 1, 0
         save()
     save()
+    interrupt.restore()
     return ema.model
 
 
@@ -586,12 +593,17 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
     """Predict each phase's wall time from measured step times (RNG forked: training is unaffected).
     tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (make_figures: 64 samples
     and 4 per leaf) and FID sample with sample_steps U-Net calls per image (default T: the ancestral sampler).
-    n_leaves: the stage-2 tree's leaf count when it exists already (default: the leaf budget max_leaves)."""
+    n_leaves: the stage-2 tree's leaf count when it exists already (default: the leaf budget max_leaves).
+    On a CPU, step times that contradict each other or vary wildly between repeats add timing_warning's line."""
+    what = " and ".join(["TreeVAE"] * tree + ["DDPM"] * (dcfg is not None))
+    print(f"planning: timing a few {what} steps on {device} to predict each phase's duration (seconds to ~2 min "
+          f"on a CPU; --plan false skips this)", flush=True)
+    times = {}                                      # label -> (median, min, max) seconds, for timing_warning
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
         x = torch.rand(shape, device=device)
 
-        def tree_step(n_leaves, subtree=False):
+        def tree_step(label, n_leaves, subtree=False):
             model = grown_tree(tv_cfg, n_leaves, device)
             node = model.leaves[-1]
             if subtree:
@@ -600,10 +612,11 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
             else:
                 params, decode = list(model.train_all().parameters()), None
             step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
-            return timed(lambda: step(x, 0.5), device, repeat, warmup=5)[0]
+            times[label] = timed(lambda: step(x, 0.5), device, repeat, warmup=5)
+            return times[label][0]
         L, phases, steps = n_leaves or tv_cfg.max_leaves, {}, []
         if tree:
-            t2, tL, t_sub = tree_step(2), tree_step(L), tree_step(L - 1, subtree=True)
+            t2, tL, t_sub = tree_step("2-leaf", 2), tree_step(f"{L}-leaf", L), tree_step("subtree", L - 1, True)
             t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)   # linear in the leaf count
             spe, splits = n_train // B, L - 2
             phases = {"init": tv_cfg.epochs_init * spe * t2,
@@ -626,7 +639,8 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
                 cond, leaf = leaf_condition(x_hat_d, probs_d.float())
                 with autocast():
                     ddpm.train_step(unet, ema, diffusion, opt, xd * 2 - 1, cond, leaf, dcfg, 10 ** 6)
-            t_ddpm = timed(ddpm_step, device, repeat, warmup=1)[0] * dcfg.batch_size / b
+            times["DDPM training"] = timed(ddpm_step, device, repeat, warmup=1)          # at batch b
+            t_ddpm = times["DDPM training"][0] * dcfg.batch_size / b
             n_steps = dcfg.epochs * (n_train // dcfg.batch_size)
             n_steps = min(n_steps, dcfg.max_steps) if dcfg.max_steps else n_steps
             phases["ddpm"] = n_steps * t_ddpm + n_train / b * t_rec
@@ -637,14 +651,77 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
             def reverse_step():
                 with autocast():
                     ema.model(xd * 2 - 1, t_idx, cond, leaf)
-            t_rev = timed(reverse_step, device, repeat, warmup=1)[0]
+            times["sampling"] = timed(reverse_step, device, repeat, warmup=1)           # at batch b
+            t_rev = times["sampling"][0]
             phases["figures"] = (64 + 4 * L + fid_samples) / b * (sample_steps or dcfg.T) * t_rev
             steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size} with {L} leaf conditions, "
                          f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}")
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
           f" | total {total / 3600:.2f} h on {device} (steps: {', '.join(steps)})", flush=True)
+    # Pairs (a, b) where a step a does a subset of step b's work (the 2-leaf tree and a subtree step are parts of
+    # the L-leaf step; sampling is the training step's forward pass alone), so a must not take longer than b.
+    # "subtree slower than 2 leaves" is no such pair: on a GPU, and for CIFAR-10 on a CPU, it is the normal case.
+    faster = [(a, f"{L}-leaf") for a in ("2-leaf", "subtree") if L > 2] + [("sampling", "DDPM training")]
+    warning = timing_warning(times, faster, torch.get_num_threads()) if device.type == "cpu" else None
+    if warning:
+        print(warning, flush=True)
     return phases
+
+
+def timing_warning(times, faster, threads):
+    """One line saying what to try when measured step times contradict each other or vary wildly between
+    repeats (on a CPU the sign of oversubscription: torch's threads compete with another busy process or with
+    each other, and a step then takes 4-70x longer, at random), else None.
+    times: {label: (median, min, max) seconds}, as timed() returns them; faster: (a, b) label pairs where step a
+    does less work than step b; threads: torch's CPU thread count, named in the advice.
+    Contradiction: a's median over 1.5x b's (healthy 2-core runs: 2-leaf / 10-leaf 0.4, 2-leaf / 3-leaf 1.1).
+    Wild: a step's slowest repeat over 3x its fastest and over 50 ms apart (healthy: within 15 %, README)."""
+    ms = lambda t: f"{t * 1e3:,.0f} ms"
+    why = [f"a {a} step took {ms(times[a][0])}, longer than a {b} step ({ms(times[b][0])})"
+           for a, b in faster if a in times and b in times and times[a][0] > 1.5 * times[b][0]]
+    why += [f"repeats of the {k} step took {ms(lo)} to {ms(hi)}" for k, (_, lo, hi) in times.items()
+            if hi > 3 * lo and hi - lo > 0.05]
+    if not why:
+        return None
+    return (f"warning: implausible step times ({'; '.join(why)}): the CPU is probably "
+            f"oversubscribed (another busy process, or {threads} torch threads for fewer free cores), so this "
+            f"plan is unreliable and training would crawl; try --threads 1 (or OMP_NUM_THREADS=1), or close the "
+            f"other process")
+
+
+LONG_RUN_H = 3     # hours: about what one sits through in a working session. Longer is an overnight or multi-day
+                   # job, whose quicker alternatives a user should see before starting it. On 2 CPU cores the `fast`
+                   # TreeVAE stage (10 min on the MNIST subset, ~1 h on full MNIST) stays below; the paper preset
+                   # (100-700 h) and any DDPM stage on a full data set (tens of hours) are far above.
+TREE_PHASES = {"init": "epochs_init", "subtrees": "epochs_subtree", "intermediate": "epochs_intermediate",
+               "finetune": "epochs_finetune"}     # the planner's stage-1 phases and the epochs each scales with
+
+
+def long_run_warning(phases, run, tv_cfg, dcfg, device):
+    """One prominent line when a run planned off a CUDA GPU (phases: plan()'s seconds per phase) takes longer than
+    LONG_RUN_H hours: the planned time and the quicker alternatives with their time on this machine (a phase takes
+    time in proportion to its epochs; the `fast` preset keeps the architecture, so the same step times hold);
+    else None. Nothing is refused: training starts after it."""
+    total = sum(phases.values()) / 3600
+    if device.type == "cuda" or total <= LONG_RUN_H:
+        return None
+    hours = lambda sec: f"{sec / 3600:.1f} h" if sec < 36000 else f"{sec / 3600:,.0f} h"
+    stage1 = sum(v for k, v in phases.items() if k in TREE_PHASES)
+    quicker = []
+    if run.preset == "paper":                       # the same phases with the `fast` preset's epochs
+        tv_fast, ratio = treevae.treevae_config(run.dataset, "fast"), lambda a, b: a / b if b else 0.0
+        fast1 = sum(v * ratio(getattr(tv_fast, TREE_PHASES[k]), getattr(tv_cfg, TREE_PHASES[k]))
+                    for k, v in phases.items() if k in TREE_PHASES)
+        fast2 = phases.get("ddpm", 0) * ratio(ddpm.PRESETS["fast"].epochs, dcfg.epochs) if dcfg else 0.0
+        quicker.append(f"--preset fast ({hours(fast1 + fast2 + phases.get('figures', 0))} here)")
+    if run.stage == "all" and stage1:
+        quicker.append(f"--stage treevae (stage 1 alone: {hours(stage1)}" +
+                       (f"; {hours(fast1)} with --preset fast)" if run.preset == "paper" else ")"))
+    quicker.append("a CUDA GPU (hours rather than days for the paper preset)")
+    return (f"*** long run: {hours(total * 3600)} planned on {device.type}, over {LONG_RUN_H} h. Quicker: "
+            f"{', '.join(quicker[:-1]) + ' or ' if len(quicker) > 1 else ''}{quicker[-1]}. Starting anyway "
+            f"(Ctrl-C stops it with a checkpoint, --resume continues) ***")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -770,18 +847,41 @@ def stage1_metrics(model, log, test_images, test_labels, device, tv_path):
     return m
 
 
+class Interrupted(Exception):
+    """Ctrl-C where no checkpoint is due (loading data, planning, figures, FID) or pressed twice in training:
+    one line saying what was kept and how to continue (the script exits with code 130, as for SIGINT)."""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     run, tv_cfg, ddpm_overrides = parse_args(argv)
     if run.threads:
         torch.set_num_threads(run.threads)              # --threads: before any work (default: torch's choice)
+    files = lambda: {e.name: e.stat().st_mtime_ns for e in os.scandir(run.out)} if os.path.isdir(run.out) else {}
+    before, ctrl_c = files(), signal.getsignal(signal.SIGINT)   # Ctrl-C is restored at the end, whatever the
+    try:                                                        # training loops installed
+        with data.new_folder(run.out):      # removed again if this call ends (error, Ctrl-C) before writing there
+            run_stages(run, tv_cfg, ddpm_overrides, argv)
+    except KeyboardInterrupt:
+        if files() == before:
+            raise Interrupted("interrupted (Ctrl-C) before anything was written; " +
+                              (f"{run.out} is as it was" if before else "nothing to clean up")) from None
+        again = f"python train.py {shlex.join(argv)}" + ("" if run.resume else " --resume")
+        raise Interrupted(f"interrupted (Ctrl-C); {run.out} keeps the checkpoints saved so far: continue with "
+                          f"{again}") from None
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+
+
+def run_stages(run, tv_cfg, ddpm_overrides, argv):
+    """Both stages (or the one run.stage asks for), then the figures and FID: what one call of train.py does, in
+    its run folder (made by main)."""
     tv_path, ddpm_path, metrics_path = (os.path.join(run.out, f) for f in ("treevae.pt", "ddpm.pt", "metrics.json"))
     refuse_overwrite(run, tv_path, ddpm_path)          # before anything is read or trained
     torch.manual_seed(run.seed)
     device, autocast = setup_device(run.device, run.precision)
     images, labels = data.load(run.dataset, "train", run.data_dir)
     test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
-    os.makedirs(run.out, exist_ok=True)                 # only once the data are there: no empty run folders
     # What this call continues from, read and checked before any training or timing: a damaged file, NaN weights
     # or a ddpm.pt trained on another tree is one line (and the files stay as they are).
     fresh1 = not run.resume and run.stage != "ddpm"     # stage 1 from scratch: the old files are not needed
@@ -806,10 +906,13 @@ def main(argv=None):
         saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
         dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
             ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
-        plan(saved.cfg if saved else tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile, run.graphs,
-             tree=run.stage != "ddpm", fid_samples=run.fid_samples,
-             sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim" else None,
-             n_leaves=saved.n_leaves if saved else None)
+        phases = plan(saved.cfg if saved else tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile,
+                      run.graphs, tree=run.stage != "ddpm", fid_samples=run.fid_samples,
+                      sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim"
+                      else None, n_leaves=saved.n_leaves if saved else None)
+        warning = long_run_warning(phases, run, tv_cfg, dcfg_plan, device)
+        if warning:
+            print(warning, flush=True)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     if run.stage in ("treevae", "all"):
         if fresh1 and os.path.exists(ddpm_path):        # --overwrite (refuse_overwrite): it belongs to the old tree
@@ -862,6 +965,9 @@ if __name__ == "__main__":
         main()
     except Stop as e:
         print(e)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except (data.DataError, ddpm.DDPMError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -86,6 +86,16 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def assert_grid(png, images, ncol, left=0):
+    """A grid picture: its bottom-left corner (from `left` pixels in: the row labels) is exactly
+    sample.tile(images, ncol), one image pixel per PNG pixel with 2 px gaps, and a title band lies above it."""
+    grid = sample.tile(images, ncol)                                      # (h, w) for grey images
+    picture = (plt.imread(png)[..., :3] * 255).round().astype(np.uint8)  # (H, W, 3)
+    h, w = grid.shape
+    assert picture.shape[0] > h and picture.shape[1] >= left + w, picture.shape
+    assert np.array_equal(picture[-h:, left:left + w, 0], grid)
+
+
 def assert_identical(a, b, where="ckpt"):
     """Bit-for-bit equality of nested checkpoint contents (dicts, lists, tensors, numbers)."""
     if isinstance(a, dict):
@@ -140,7 +150,8 @@ def test_smoke_run_writes_every_output(run):
     with np.load(run / "samples.npz") as f:
         assert f["images"].dtype == np.uint8 and f["images"].shape == (64, 1, 28, 28)
         assert f["leaf"].min() >= 0 and f["leaf"].max() < tv.n_leaves
-    assert plt.imread(run / "samples.png").shape[:2] == (8 * 30 + 2, 8 * 30 + 2)   # 8 x 8 grid, 2 px gaps
+    with np.load(run / "samples.npz") as f:
+        assert_grid(run / "samples.png", f["images"], 8)           # 8 x 8 grid, 2 px gaps, under its title
     for name in ("tree.png", "all_leaves.png"):
         assert plt.imread(run / name).ndim == 3                   # a readable picture
 
@@ -149,8 +160,8 @@ def test_sample_forced_leaf_grid_size(run, tmp_path):
     out = tmp_path / "leaf0.png"
     proc = ok(cli("sample.py", "--run", run, "--leaf", 0, "--n", 4, "--steps", 3, "--device", "cpu", "--out", out))
     assert str(out) in proc.stdout
-    assert plt.imread(out).shape[:2] == (2 * 30 + 2, 2 * 30 + 2)   # 2 x 2 grid of 28 px images, 2 px gaps
     with np.load(tmp_path / "leaf0.npz") as f:
+        assert_grid(out, f["images"], 2)                           # 2 x 2 grid of 28 px images, 2 px gaps
         assert f["images"].shape == (4, 1, 28, 28) and f["images"].dtype == np.uint8
         assert (f["leaf"] == 0).all() and f["treevae"].shape == (4, 1, 28, 28)
 
@@ -167,7 +178,9 @@ def test_sample_modes_in_process(run, tmp_path):
     sample.main(common + ["--recons", "--n", "5", "--out", str(tmp_path / "rec.png")])
     with np.load(tmp_path / "rec.npz") as f:
         assert f["images"].shape == f["original"].shape == f["treevae"].shape == (5, 1, 28, 28)
-    assert plt.imread(tmp_path / "rec.png").shape[:2] == (3 * 30 + 2, 5 * 30 + 2)   # original/TreeVAE/refined
+    with np.load(tmp_path / "rec.npz") as f:                      # rows original / TreeVAE / refined
+        assert_grid(tmp_path / "rec.png", np.concatenate([f["original"], f["treevae"], f["images"]]), 5,
+                    left=sample.LABEL_PX)
     sample.main(common + ["--sampler", "ddim", "--n", "2", "--out", str(tmp_path / "ddim.png")])   # 3 DDIM steps
     with np.load(tmp_path / "ddim.npz") as f:
         assert f["images"].shape == (2, 1, 28, 28)
@@ -524,3 +537,158 @@ def test_damaged_checkpoint_and_fresh_run_over_a_run(run, data_dir, tmp_path):
     proc = ok(cli("train.py", *args, "--stage", "treevae", "--overwrite", "--max-steps", 1))
     assert f"removed {other / 'ddpm.pt'}" in proc.stdout and not (other / "ddpm.pt").exists()
     assert load(other / "treevae.pt")["state"]["total_steps"] == 1
+
+
+# ----------------------------------------------------------------------------- what a new user sees
+def figure_texts(monkeypatch):
+    """Spy on sample._savefig: {file name: every text drawn in that figure, lines joined by spaces}."""
+    import matplotlib.text
+    texts, save = {}, sample._savefig
+
+    def spy(fig, path):
+        texts[os.path.basename(path)] = " ".join(t.get_text().replace("\n", " ")
+                                                 for t in fig.findobj(matplotlib.text.Text))
+        save(fig, path)
+    monkeypatch.setattr(sample, "_savefig", spy)
+    return texts
+
+
+def test_figures_say_what_they_show(run, tmp_path, monkeypatch):
+    """Every figure has a title saying what it shows; a smoke run's say that it is one and what that means; the
+    tree names its leaves as --leaf does and points at the TreeVAE-only redraw; reconstructions label their rows."""
+    texts = figure_texts(monkeypatch)
+    out = tmp_path / "figs"
+    shutil.copytree(run, out)
+    sample.make_figures(str(out), steps=3, metrics=json.loads((run / "metrics.json").read_text()))
+    for name in ("tree.png", "all_leaves.png", "samples.png"):
+        assert "SMOKE RUN, a one-minute pipeline check, not a result: refined images are noise" in texts[name], name
+        assert "--preset fast or paper" in texts[name] and "ancestral DDPM, 50 steps" in texts[name], name
+    assert "leaf k = sample.py --leaf k; edge width: share of the test set" in texts["tree.png"]
+    assert "sample.py --tree --stage treevae" in texts["tree.png"]
+    assert "column k = sample.py --leaf k" in texts["all_leaves.png"]
+    assert "64 samples, leaves drawn from P(l | z_0)" in texts["samples.png"]
+    common = ["--run", str(out), "--device", "cpu", "--steps", "3", "--n", "2"]
+    sample.main(common + ["--recons", "--out", str(tmp_path / "rec.png")])
+    assert "rows: original, TreeVAE, refined" in texts["rec.png"]
+    assert all(f" {label} " in f" {texts['rec.png']} " for label in ("original", "TreeVAE", "refined"))
+    sample.main(common + ["--leaf", "0", "--stage", "treevae", "--out", str(tmp_path / "tv.png")])
+    assert "2 samples, leaf 0; TreeVAE only. SMOKE RUN" in texts["tv.png"]
+    assert "a tiny TreeVAE, one epoch per phase, draws blurry images at best" in texts["tv.png"]
+
+
+def test_sample_tree_redraws_the_tree_from_treevae_samples(run, tmp_path, monkeypatch, capsys):
+    """sample.py --tree --stage treevae: the run's tree with the TreeVAE's own images (which a short run's noisy
+    refinements hide in tree.png), its leaf sizes from metrics.json, leaf k captioned as --leaf k numbers it."""
+    texts = figure_texts(monkeypatch)
+    out = tmp_path / "tree"
+    shutil.copytree(run, out)
+    L = treevae.TreeVAE.from_checkpoint(load(out / "treevae.pt")).n_leaves
+    sample.main(["--run", str(out), "--tree", "--stage", "treevae", "--n", "2", "--device", "cpu"])
+    assert (out / "tree_treevae.png").is_file() and "tree_treevae.png (the tree" in capsys.readouterr().out
+    assert f"{L} leaves; under each, 2 TreeVAE samples" in texts["tree_treevae.png"]
+    assert "n=" in texts["tree_treevae.png"] and "leaf k = sample.py --leaf k" in texts["tree_treevae.png"]
+    with np.load(out / "tree_treevae.npz") as f:
+        assert f["images"].shape == (2 * L, 1, 28, 28) and np.array_equal(f["images"], f["treevae"])
+    fails(sample_cli(capsys, "--run", out, "--tree", "--leaf", 0), "--tree shows every leaf", "drop --leaf")
+
+
+def test_tree_captions_each_strip_with_its_leaf_index(tmp_path, monkeypatch):
+    """plot_tree draws leaf_images[k] above the caption 'leaf k' (k = position in tv.leaves, what --leaf k and the
+    clusters use), also where breadth-first order is not left to right."""
+    import matplotlib.image
+    import matplotlib.text
+    tv = treevae.TreeVAE(treevae.treevae_config("mnist", "smoke"))
+    tv.split(tv.leaves[0])                                   # leaves, breadth-first: [right, left-left, left-right]
+    assert tv.n_leaves == 3
+    figs = []
+    monkeypatch.setattr(sample, "_savefig", lambda fig, path: figs.append(fig))
+    strips = [torch.full((2, 1, 28, 28), 40 * (k + 1), dtype=torch.uint8) for k in range(3)]
+    sample.plot_tree(tv, str(tmp_path / "t.png"), strips, title="t")
+    ax = figs[0].axes[0]
+    images = {round(sum(im.get_extent()[:2]) / 2, 3): int(im.get_array().min()) for im in
+              ax.findobj(matplotlib.image.AxesImage)}           # strip centre x -> its images' value (gaps: 255)
+    captions = {t.get_text().split("\n")[0]: round(t.get_position()[0], 3) for t in
+                ax.findobj(matplotlib.text.Text) if t.get_text().startswith("leaf ")}
+    assert sorted(captions) == ["leaf 0", "leaf 1", "leaf 2"]
+    for k in range(3):
+        assert images[captions[f"leaf {k}"]] == 40 * (k + 1)
+    assert captions["leaf 0"] > captions["leaf 2"]            # leaf 0 (depth 1) is drawn right of leaves 1, 2
+
+
+def test_ddpm_stage_advice_keeps_the_runs_options(data_dir, tmp_path):
+    """--stage ddpm without stage 1: the suggested command keeps --out, --preset and --data-dir."""
+    out = tmp_path / "elsewhere"
+    proc = cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", out, "--stage", "ddpm")
+    fails(proc, f"python train.py --dataset mnist --preset smoke --out {out} --data-dir {data_dir} --stage treevae")
+    assert not out.exists()                                  # the error left no empty run folder behind
+
+
+def test_fid_run_reads_dataset_and_data_folder_from_the_run(run, tmp_path, capsys):
+    import fid
+    fid.main(["--run", str(run), "--n-boot", "5", "--cache-dir", str(tmp_path)])     # no --dataset, no --root
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("FID ") and "N gen 64 | N ref 100 (mnist test)" in line, line
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+def interrupt_when(trigger, script, *args):
+    """Run a script, send it SIGINT when a line containing `trigger` appears; (returncode, stdout+stderr)."""
+    import signal
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if trigger in line and p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            trigger = "\0"                                    # once
+    p.wait(timeout=120)
+    return p.returncode, "".join(lines)
+
+
+def test_ctrl_c_while_planning_is_one_line_and_leaves_no_folder(data_dir, tmp_path):
+    out = tmp_path / "runs" / "mnist"                         # neither folder exists yet
+    code, text = interrupt_when("planning:", "train.py", *SMOKE, "--data-dir", data_dir, "--out", out)
+    assert code == 130 and "Traceback" not in text, text[-2000:]
+    assert text.splitlines()[-1] == "interrupted (Ctrl-C) before anything was written; nothing to clean up", text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_elsewhere_is_one_line(data_dir, run, tmp_path, monkeypatch, capsys):
+    """Loading data (train.py), sampling (sample.py), features (fid.py), timing (bench.py): Ctrl-C gives one line
+    and exit code 130, no traceback; a run folder that existed before is kept, with the command to continue."""
+    import train
+    import fid
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.data, "load", ctrl_c)
+    with pytest.raises(train.Interrupted, match=r"^interrupted \(Ctrl-C\) before anything was written"):
+        train.main([*SMOKE, "--data-dir", str(data_dir), "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "treevae.pt").write_bytes(b"")                # a run folder from before: left as it was
+    with pytest.raises(train.Interrupted, match=r"before anything was written; .*old is as it was$"):
+        train.main([*SMOKE, "--data-dir", str(data_dir), "--out", str(tmp_path / "old"), "--resume"])
+    assert os.listdir(tmp_path / "old") == ["treevae.pt"]
+    monkeypatch.undo()
+
+    def fit_then_ctrl_c(stage):                                   # a checkpoint written, then Ctrl-C twice
+        (tmp_path / "run" / "treevae.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.TreeStage, "fit", fit_then_ctrl_c)
+    with pytest.raises(train.Interrupted, match=r"; \S+run keeps the checkpoints saved so far: continue with python "
+                                                r"train.py .*--plan false --resume$"):
+        train.main([*SMOKE, "--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--plan", "false"])
+    monkeypatch.undo()
+    monkeypatch.setattr(sample, "all_leaves", ctrl_c)
+    proc = sample_cli(capsys, "--run", run, "--all-leaves", "--out", tmp_path / "new" / "a.png")
+    assert proc.returncode == 130 and proc.stderr == "interrupted (Ctrl-C); no picture written by this call\n"
+    assert not (tmp_path / "new").exists()                   # the picture's folder is made only when it is saved
+    monkeypatch.setattr(fid, "offline_extractor", ctrl_c)      # training the extractor takes a minute or more
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--run", str(run), "--cache-dir", str(tmp_path)])
+    assert e.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "interrupted (Ctrl-C)"
+    code, text = interrupt_when('"figure": "matmul_peak"', "bench.py", "--device", "cpu", "--only", "peak,data")
+    assert code == 130 and text.splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in text, text

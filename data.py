@@ -301,43 +301,39 @@ def _read_cifar(path, members, checksums, differ):
 def _download(fname, folder, mirrors, checksum, by_hand):
     """Fetch fname from the first mirror that serves it with the right checksum, atomically. by_hand: the
     remedy that ends the error when no mirror serves it (which files to place where)."""
-    where = os.path.abspath(folder)
-    created = not os.path.isdir(folder)  # a failed download removes the (empty) folder it made
-    try:
-        os.makedirs(folder, exist_ok=True)
-        # A hidden temporary name in the same folder: os.replace onto the final name is then atomic,
-        # and an interrupted or corrupt download never sits under the final name.
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".part", dir=folder)
-        os.close(fd)
-    except OSError as e:
-        raise DataError(f"cannot write into {where} ({e.strerror}): pass a writable folder, or {by_hand}") from None
-    algo, digest = checksum
+    where, algo, digest = os.path.abspath(folder), *checksum
     tried = []
     try:
-        for base in mirrors:
-            url = base.rstrip("/") + "/" + fname
-            hasher = hashlib.new(algo)
+        with new_folder(folder):  # a failed or interrupted download removes the (empty) folders it made
+            # A hidden temporary name in the same folder: os.replace onto the final name is then atomic,
+            # and an interrupted or corrupt download never sits under the final name.
+            fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".part", dir=folder)
+            os.close(fd)
             try:
-                with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                    while chunk := response.read(1 << 20):  # 1 MB chunks: hash while writing
-                        f.write(chunk)
-                        hasher.update(chunk)
-            except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
-                tried.append(f"{url} ({getattr(e, 'reason', None) or e})")
-                continue
-            if hasher.hexdigest() != digest:
-                tried.append(f"{url} (checksum mismatch: {algo} {hasher.hexdigest()[:12]}.., "
-                             f"published {digest[:12]}..)")
-                continue
-            os.replace(tmp, os.path.join(folder, fname))
-            print(f"downloaded {url} -> {where}", file=sys.stderr)
-            return
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if created and not os.listdir(folder):
-        os.rmdir(folder)
-    raise DataError(f"could not download {fname}: tried {'; '.join(tried)}; if offline, {by_hand}")
+                for base in mirrors:
+                    url = base.rstrip("/") + "/" + fname
+                    hasher = hashlib.new(algo)
+                    try:
+                        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                            while chunk := response.read(1 << 20):  # 1 MB chunks: hash while writing
+                                f.write(chunk)
+                                hasher.update(chunk)
+                    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError is an OSError
+                        tried.append(f"{url} ({getattr(e, 'reason', None) or e})")
+                        continue
+                    if hasher.hexdigest() != digest:
+                        tried.append(f"{url} (checksum mismatch: {algo} {hasher.hexdigest()[:12]}.., "
+                                     f"published {digest[:12]}..)")
+                        continue
+                    os.replace(tmp, os.path.join(folder, fname))
+                    print(f"downloaded {url} -> {where}", file=sys.stderr)
+                    return
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise DataError(f"could not download {fname}: tried {'; '.join(tried)}; if offline, {by_hand}")
+    except OSError as e:  # the folder or the temporary file could not be made
+        raise DataError(f"cannot write into {where} ({e.strerror}): pass a writable folder, or {by_hand}") from None
 
 
 @contextlib.contextmanager

@@ -125,11 +125,12 @@ def test_offline_error_names_every_missing_file_and_data_dir(tmp_path):
     """Offline, the first error names all files of the data set that are missing, the test split's too (they
     are needed at the end of every run), and the --data-dir option: one round trip, not two."""
     with pytest.raises(data.DataError) as err:
-        data.load("mnist", "train", root=str(tmp_path), mirrors=["file:///nonexistent/"])
+        data.load("mnist", "train", root=str(tmp_path / "data"), mirrors=["file:///nonexistent/"])
     message = str(err.value)
     for fname in data._IDX_FILES["train"] + data._IDX_FILES["test"]:
         assert fname in message.split("if offline")[1], message
-    assert "--data-dir" in message and os.path.abspath(tmp_path / "mnist") in message
+    assert "--data-dir" in message and os.path.abspath(tmp_path / "data" / "mnist") in message
+    assert not (tmp_path / "data").exists()                  # the failed download left no empty folders
     # The training files copied by hand (straight into root): the test files are looked for, and named, there.
     write_mnist(tmp_path, "train")
     with pytest.raises(data.DataError) as err:

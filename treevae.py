@@ -2,8 +2,12 @@
 
 Paper: Manduchi et al., "Tree Variational Autoencoders", NeurIPS 2023 (arXiv 2306.08984), CNN variant as used by
 Goncalves et al., "Structured Generations: Using Hierarchical Clusters to guide Diffusion Models" (arXiv 2407.06124).
-This file holds the model, its ELBO, the growing/pruning mechanisms and the clustering metrics; train.py runs the
-schedule (initial training -> split -> retrain ... -> prune -> fine-tune).
+Settings: the authors' code (github.com/JoGo175/diffuse-treevae): configs/mnist.yml, fmnist.yml, cifar10.yml for
+every constant, models/model.py and utils/ for the mechanics. This file holds, in the paper's order (its Sec. 2):
+configuration, the ELBO's building blocks (KLs, precision-weighted fusion), the networks, the model (tree walk,
+inference and ELBO, generation, growing and pruning), the clustering metrics; then, as optional reading at the end,
+the exact CPU rewrites of three convolutions. train.py runs the schedule (initial training -> split -> retrain ...
+-> prune -> fine-tune).
 
 Generative model (top-down), for a tree with nodes V, leaves L and root-to-leaf paths P_l:
     z_0 ~ N(0, I)                                           root latent, a small feature map (C, R, R)
@@ -29,6 +33,14 @@ Legend: `mu_q, var_q` posterior, `mu_p, var_p` prior, `mu_hat, var_hat` bottom-u
 router outputs (as logits `logit_q`, `logit_p`), `prob[i]` = P(i|x) of shape (B,), `leaf_probs` (B, n_leaves).
 Node ids are integers that never get reused; the tree topology is plain data: `self.parent` and `self.child_ids`
 dicts, `self.depth`. Every feature visits the tree through the single breadth-first walk `TreeVAE.walk`.
+
+Growing (the authors' train/train_tree.py and utils/training_utils.py): after the initial tree (root + 2 leaves),
+repeatedly pick the leaf holding the most training samples (choose_split), give it two children and train only that
+new subtree on the leaf's samples with the rest of the tree frozen (eval mode: frozen batch-norm statistics), then
+attach it (the split leaf's decoder is dropped). Every `splits_per_retrain` splits the whole tree retrains. Growth
+stops at the leaf budget, at max depth, or when no leaf holds one batch of samples; then leaves holding < 1 % of
+the hard-assigned samples are pruned and the whole tree is fine-tuned. Labels are never used for any decision.
+Where we differ from the authors it is marked [ours] with the reason.
 """
 import math
 from contextlib import nullcontext
@@ -95,8 +107,10 @@ class TreeVAEConfig:
 
 
 def treevae_config(dataset: str, preset: str = "paper") -> TreeVAEConfig:
-    """Named presets. 'paper' = the authors' schedule (SPEC 3-4); 'fast' keeps the architecture with a short
-    schedule; 'smoke' is a tiny model for CPU tests."""
+    """Named presets. 'paper' = the authors' architecture and schedule (configs/mnist.yml: 150 / 150 / 80 / 200
+    epochs, Adam 1e-3, weight decay 1e-5, batch 256, lr x0.1 every 100 epochs; fmnist.yml: leaky ReLU; cifar10.yml:
+    64 x 4 x 4 latents, 128 bottom-up channels, contrastive terms of weight 100, no fine-tuning); 'fast' keeps the
+    architecture with a short schedule; 'smoke' is a tiny model for CPU tests."""
     if dataset not in ("mnist", "fashion_mnist", "cifar10"):
         raise ValueError(f"unknown data set {dataset!r}: use data.canonical_name first (mnist, fashion_mnist, cifar10)")
     cfg = TreeVAEConfig(dataset=dataset)
@@ -141,7 +155,9 @@ def kl_bernoulli(logit_q, logit_p):
 
 
 def precision_weighted(mu_hat, var_hat, mu_p, var_p):
-    """Ladder-VAE fusion of the bottom-up estimate with the top-down prior (SPEC 2, inference step 2)."""
+    """Ladder-VAE fusion (Sonderby et al. 2016) of the bottom-up estimate with the top-down prior, TreeVAE's
+    inference model: the posterior's precision is the sum of the two precisions (the authors' utils/model_utils.py
+    adds an epsilon to both variances; ours come out of softplus + 1e-6 and need none)."""
     var_q = 1.0 / (1.0 / var_hat + 1.0 / var_p)
     mu_q = (mu_hat / var_hat + mu_p / var_p) * var_q
     return mu_q, var_q
@@ -151,8 +167,640 @@ def precision_weighted(mu_hat, var_hat, mu_p, var_p):
 # Building blocks. All feature maps keep the spatial size R x R of the latents (2 x 2 on MNIST).
 
 def act_fn(name):
+    """The authors' act_function: swish (mnist.yml, cifar10.yml) or leaky ReLU with slope 0.3 (fmnist.yml)."""
     return nn.SiLU() if name == "swish" else nn.LeakyReLU(0.3)
 
+
+def spectral(m, on=True):
+    """Spectral normalisation (Miyato et al. 2018): W / sigma_max(W), sigma_max by one power iteration per step.
+    It caps the gain of a layer at 1; the authors put it on the encoder and the bottom-up chain."""
+    return nn.utils.parametrizations.spectral_norm(m) if on else m
+
+
+def conv_bn(c_in, c_out, act, k=3, stride=1, pad=1, small=False, sn=False, conv=nn.Conv2d):
+    """conv (no bias: the batch norm's shift replaces it) + BatchNorm + activation, the authors' conv unit."""
+    # small=True: a 3x3 conv on the tree's R x R maps, as MapConv (its exact CPU rewrite, end of this file)
+    conv = MapConv(c_in, c_out, bias=False) if small else conv(c_in, c_out, k, stride, pad, bias=False)
+    return nn.Sequential(spectral(conv, sn), nn.BatchNorm2d(c_out), act_fn(act))
+
+
+class MLPBlock(nn.Module):
+    """3 x (conv3x3 + BN + act) on an R x R map, channels c_in -> c_in -> c_in -> c_out: the 'MLP' of the
+    CNN-TreeVAE (the authors' `Conv`). Spectral norm on the first two convs (`sn`, the authors' bottom-up chain);
+    a residual connection only when asked for and in == out."""
+    def __init__(self, c_in, c_out, act, residual=False, sn=False):
+        super().__init__()
+        self.net = nn.Sequential(conv_bn(c_in, c_in, act, small=True, sn=sn), conv_bn(c_in, c_in, act, small=True, sn=sn),
+                                 conv_bn(c_in, c_out, act, small=True))
+        self.residual = residual and c_in == c_out
+
+    def forward(self, h):
+        return h + self.net(h) if self.residual else self.net(h)
+
+
+class GaussianHead(nn.Module):
+    """(mu, var) by two conv3x3; var = softplus(.) + 1e-6 keeps every log finite without clamping."""
+    def __init__(self, c_in, c_out, sn=False):
+        super().__init__()
+        # MapConv: nn.Conv2d(c_in, c_out, 3, padding=1), computed as a matrix product on a CPU (end of this file)
+        self.mu, self.var = spectral(MapConv(c_in, c_out), sn), spectral(MapConv(c_in, c_out), sn)
+
+    def forward(self, h):
+        return self.mu(h), F.softplus(self.var(h)) + 1e-6
+
+
+class Transformation(nn.Module):
+    """p(z_i | z_pa(i)): the prior of a node given its parent's sample."""
+    def __init__(self, c_latent, c_hidden, act):
+        super().__init__()
+        self.block, self.head = MLPBlock(c_latent, c_hidden, act), GaussianHead(c_hidden, c_latent)
+
+    def forward(self, z_parent):
+        return self.head(self.block(z_parent))
+
+
+class Router(nn.Module):
+    """Decision logit: conv3x3 -> 1 channel, flatten R^2, two hidden layers (Linear, BN, act; width = bottom-up
+    channels) -> 1. Returns the logit of 'go left' (B,); the probability is its sigmoid."""
+    def __init__(self, c_in, r, c_hidden, act):
+        super().__init__()
+        self.conv = MapConv(c_in, 1, bias=False)       # a 3x3 conv (exact CPU rewrite, end of this file)
+        self.mlp = nn.Sequential(nn.Linear(r * r, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
+                                 nn.Linear(c_hidden, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
+                                 nn.Linear(c_hidden, 1))
+
+    def forward(self, h):
+        # A decision is a difference of logits: under bf16 autocast (GPU) its 8-bit mantissa moves P(l|x) by ~1 %,
+        # so the routers always run in float32 (they are a tiny share of the FLOPs).
+        off = torch.autocast(h.device.type, enabled=False) if h.device.type in ("cuda", "cpu") else nullcontext()
+        with off:                                  # (torch 2.4 has no autocast on MPS, not even a disabled one)
+            return self.mlp(self.conv(h.float()).flatten(1)).squeeze(1)  # (B,)
+
+
+class SmallEncoder(nn.Module):
+    """MNIST/FMNIST encoder, 28 -> 7 -> 3 -> 2 px. [ours] Instead of the authors' large-kernel convs on the 28 x 28
+    grid, a space-to-depth step (pixel unshuffle: each 4 x 4 patch becomes 16 channels at 7 x 7) lets every conv
+    run on wide, small maps, which is 2-4x faster on a CPU for the same receptive field (README, bench.py)."""
+    def __init__(self, c_in, c_out, act, sn=False):
+        super().__init__()
+        self.net = nn.Sequential(nn.PixelUnshuffle(4), conv_bn(16 * c_in, 32, act, 3, 1, 1, sn=sn),          # (32, 7, 7)
+                                 conv_bn(32, 32, act, 3, 2, 0, sn=sn), conv_bn(32, c_out, act, 2, 1, 0, sn=sn))  # 3, 2 px
+
+    def forward(self, x):
+        return self.net(x)  # (B, C, 2, 2)
+
+
+class SmallDecoder(nn.Module):
+    """The encoder's mirror: transposed convs 2 -> 3 -> 7 px, a conv at 7 x 7, then depth-to-space (pixel
+    shuffle: 16 channels -> one 4 x 4 patch) to 28 x 28. Outputs logits (Bernoulli) or means (Gaussian)."""
+    def __init__(self, c_latent, c_out, width, act):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(c_latent, w, 2, 1, 0, bias=False), nn.BatchNorm2d(w), act_fn(act),   # (w, 3, 3)
+            nn.ConvTranspose2d(w, w, 3, 2, 0, bias=False), nn.BatchNorm2d(w), act_fn(act),          # (w, 7, 7)
+            conv_bn(w, w, act), nn.Conv2d(w, 16 * c_out, 3, padding=1), nn.PixelShuffle(4))         # (c_out, 28, 28)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def _linspace_channels(a, b):
+    """The authors' channel ladder: 4 evenly spaced integers from a to b (1 -> 32: 1, 11, 21, 32)."""
+    return [int(a + (b - a) * k / 3) for k in range(4)]
+
+
+class AuthorsEncoder(nn.Module):
+    """The authors' MNIST encoder: three large-kernel convs, 28 -> 19 -> 10 -> 2 px, channels 1 -> 11 -> 21 -> 32.
+    The second conv is a FourierConv2d: on a CPU it runs through the DFT and hands the third one NHWC maps (the
+    layout oneDNN convolves in); elsewhere it is a plain nn.Conv2d and the maps stay NCHW, as measured there."""
+    def __init__(self, c_in, c_out, act, sn=False):
+        super().__init__()
+        c = _linspace_channels(c_in, c_out)
+        self.net = nn.Sequential(conv_bn(c[0], c[1], act, 12, 1, 1, sn=sn),
+                                 conv_bn(c[1], c[2], act, 12, 1, 1, sn=sn, conv=FourierConv2d),  # DFT on a CPU
+                                 conv_bn(c[2], c[3], act, 7, 5, 1, sn=sn))
+
+    def forward(self, x):
+        return self.net(x)  # (B, C, 2, 2)
+
+
+class AuthorsDecoder(nn.Module):
+    """The authors' MNIST decoder: transposed convs 2 -> 10 -> 19 -> 28 px, channels 16 -> 11 -> 6 -> 1."""
+    def __init__(self, c_latent, c_out, width, act):
+        super().__init__()
+        c = _linspace_channels(c_latent, c_out)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(c[0], c[1], 7, 5, 1, bias=False), nn.BatchNorm2d(c[1]), act_fn(act),     # (c1, 10, 10)
+            nn.ConvTranspose2d(c[1], c[2], 12, 1, 1, bias=False), nn.BatchNorm2d(c[2]), act_fn(act),    # (c2, 19, 19)
+            nn.ConvTranspose2d(c[2], c[3], 12, 1, 1, bias=False))                                       # (1, 28, 28)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c, act):
+        super().__init__()
+        self.net = nn.Sequential(nn.BatchNorm2d(c), act_fn(act), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(c), act_fn(act), nn.Conv2d(c, c, 3, padding=1, bias=False))
+
+    def forward(self, h):
+        return h + self.net(h)
+
+
+class ResEncoder(nn.Module):
+    """CIFAR-10 encoder: conv3x3, ResNet blocks, 3 stride-2 downsamples 32 -> 4 px, ending with c_out channels."""
+    def __init__(self, c_in, c_out, act, sn=False):
+        super().__init__()
+        chans, layers = [c_out // 4, c_out // 2, c_out], [spectral(nn.Conv2d(c_in, c_out // 4, 3, padding=1), sn)]
+        for i, c in enumerate(chans):
+            layers += [ResBlock(chans[max(i - 1, 0)], act), nn.Conv2d(chans[max(i - 1, 0)], c, 4, 2, 1)]
+        self.net = nn.Sequential(*layers, ResBlock(c_out, act), nn.BatchNorm2d(c_out), act_fn(act))
+
+    def forward(self, x):
+        return self.net(x)  # (B, C, 4, 4)
+
+
+class ResDecoder(nn.Module):
+    """CIFAR-10 decoder: ResNet blocks and 3 x2 upsamples 4 -> 32 px, linear output (Gaussian means)."""
+    def __init__(self, c_latent, c_out, width, act):
+        super().__init__()
+        chans, layers = [width, width // 2, width // 4], [nn.Conv2d(c_latent, width, 3, padding=1)]
+        for i, c in enumerate(chans):
+            layers += [ResBlock(chans[max(i - 1, 0)], act), nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(chans[max(i - 1, 0)], c, 3, padding=1)]
+        self.net = nn.Sequential(*layers, nn.BatchNorm2d(chans[-1]), act_fn(act), nn.Conv2d(chans[-1], c_out, 3, 1, 1))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+class TreeVAE(nn.Module):
+    """The whole tree: a shared encoder and bottom-up chain, and per node a dense head (mu_hat, var_hat), a prior
+    transformation (all but the root), two routers (inner nodes with two children) and a decoder (leaves).
+    topology: the plain-data tree of a checkpoint (default: the initial tree, root + 2 leaves)."""
+
+    def __init__(self, cfg: TreeVAEConfig, topology=None):
+        super().__init__()
+        for name in ("encoder_arch", "decoder_arch"):
+            if getattr(cfg, name) not in ("fast", "authors"):
+                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: use 'authors' or 'fast'")
+        self.cfg = cfg
+        c, r, cb, act = cfg.latent_channels, cfg.latent_size, cfg.bottom_up_channels, cfg.activation
+        small = cfg.image_size == 28
+        encoder = (AuthorsEncoder if cfg.encoder_arch == "authors" else SmallEncoder) if small else ResEncoder
+        self.encoder = encoder(cfg.in_channels, cb, act, cfg.spectral_norm)
+        # d_1 .. d_max_depth: one bottom-up step per level; the root reads d_max_depth, the deepest leaves d_0
+        self.bottom_up = nn.ModuleList(MLPBlock(cb, cb, act, cfg.residual, cfg.spectral_norm)
+                                       for _ in range(cfg.max_depth))
+        # Per-node modules live in dicts keyed by str(node id); which keys exist follows the topology.
+        self.dense, self.transform = nn.ModuleDict(), nn.ModuleDict()
+        self.router_p, self.router_q, self.decoder = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        # NT-Xent heads, CIFAR-10 only: a 10-d projection of every bottom-up level (the authors' cifar10.yml,
+        # augmentation_method 'InfoNCE,instancewise_full'); see contrastive_loss.
+        if cfg.contrastive:
+            self.projection = nn.ModuleList(nn.Linear(cb * r * r, 10) for _ in range(cfg.max_depth + 1))
+        # Topology as plain data. Default: the initial tree, root 0 with leaves 1 and 2.
+        topology = topology or {"parent": [[0, -1], [1, 0], [2, 0]], "next_id": 3}
+        self.parent, self.child_ids, self.depth = {}, {}, {}
+        for i, p in topology["parent"]:            # parents are listed before their children
+            self._add_node(i, None if p < 0 else p)
+        self.next_id = topology["next_id"]
+
+    # -- topology --------------------------------------------------------------------------------------------
+    def _add_node(self, i, parent):
+        """Register node i under `parent` and create its modules; a node starts as a leaf."""
+        cfg, key = self.cfg, str(i)
+        self.parent[i], self.child_ids[i] = parent, []
+        self.depth[i] = 0 if parent is None else self.depth[parent] + 1
+        # The authors' code normalises the dense heads of the nodes that splits create (ids from 3 on: the initial
+        # tree is 0, 1, 2), not those of the initial tree; we follow it.
+        self.dense[key] = GaussianHead(cfg.bottom_up_channels, cfg.latent_channels, cfg.spectral_norm and i >= 3)
+        if parent is not None:
+            self.transform[key] = Transformation(cfg.latent_channels, cfg.bottom_up_channels, cfg.activation)
+            self.child_ids[parent].append(i)
+            self._set_inner(parent)
+        self.decoder[key] = self._new_decoder()
+
+    def _new_decoder(self):
+        cfg = self.cfg
+        small = AuthorsDecoder if cfg.decoder_arch == "authors" else SmallDecoder
+        decoder = (small if cfg.image_size == 28 else ResDecoder)(
+            cfg.latent_channels, cfg.in_channels, cfg.decoder_channels, cfg.activation)
+        if cfg.decoder_spectral_norm:      # not the authors' placement (see TreeVAEConfig), kept to compare
+            for m in decoder.net.children():
+                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                    spectral(m)                    # registers the parametrization in place
+        return decoder
+
+    def _set_inner(self, i):
+        """Node i has just gained or lost a child: fix its decoder (leaves only) and routers (two children only)."""
+        cfg, key, n_children = self.cfg, str(i), len(self.child_ids[i])
+        if n_children and key in self.decoder:
+            del self.decoder[key]                  # a split leaf is an inner node now: only leaves decode
+        if n_children == 2 and key not in self.router_p:
+            r, cb = cfg.latent_size, cfg.bottom_up_channels
+            self.router_p[key] = Router(cfg.latent_channels, r, cb, cfg.activation)
+            self.router_q[key] = Router(cb, r, cb, cfg.activation)
+        if n_children == 1 and key in self.router_p:   # a pass-through node decides nothing
+            del self.router_p[key], self.router_q[key]
+
+    def walk(self, start=0):
+        """THE tree walk: breadth-first from `start`, parents before children. Everything else uses it."""
+        queue = [start]
+        while queue:
+            i = queue.pop(0)
+            yield i
+            queue += self.child_ids[i]
+
+    @property
+    def leaves(self):
+        """Leaf node ids in breadth-first order; a leaf's index in this list is its cluster label."""
+        return [i for i in self.walk() if not self.child_ids[i]]
+
+    @property
+    def n_leaves(self):
+        return len(self.leaves)
+
+    def topology(self):
+        return {"parent": [[i, -1 if self.parent[i] is None else self.parent[i]] for i in self.walk()],
+                "next_id": self.next_id}
+
+    # -- inference and the ELBO ------------------------------------------------------------------------------
+    def bottom_up_features(self, x):
+        """d_0 = Encoder(x), d_k = BottomUp_k(d_{k-1}); returns [d_0, ..., d_max_depth], each (B, Cb, R, R)."""
+        d = [self.encoder(x)]
+        for step in self.bottom_up:
+            d.append(step(d[-1]))
+        return d
+
+    def forward(self, x, x2=None, sample=True, decode=None):
+        """x: images in [0, 1] (B, C, H, W). x2: a second augmented view (contrastive training only).
+        sample: reparameterised z (training) or posterior means (deterministic evaluation).
+        decode: leaf ids whose reconstruction term is computed (default all); subtree training decodes only the
+        new leaves, since the other leaves' terms do not depend on the trainable parameters.
+        Returns the loss terms (batch means) and leaf_probs (B, n_leaves)."""
+        return self.infer(x, x2, sample, decode)[0]
+
+    def infer(self, x, x2=None, sample=True, decode=None):
+        """The inference walk behind forward: (forward's dict, z) with z[i] the latent of node i (B, C, R, R)."""
+        if x2 is not None:
+            if not self.cfg.contrastive:
+                raise ValueError("a second view x2 needs contrastive=True (the CIFAR-10 setting)")
+            x = torch.cat([x, x2])                 # both views go through the ELBO
+        B, D = x.shape[0], self.cfg.max_depth
+        d = self.bottom_up_features(x)
+        zero = x.new_zeros(B)
+        z, prob, logit_q = {}, {0: x.new_ones(B)}, {}
+        kl_root, kl_nodes, kl_decisions, rec = zero, zero, zero, zero
+        decode = set(self.leaves if decode is None else decode)
+        for i in self.walk():
+            key, d_i = str(i), d[D - self.depth[i]]
+            mu_hat, var_hat = self.dense[key](d_i)                          # (B, C, R, R) each
+            if self.parent[i] is None:
+                mu_q, var_q = mu_hat, var_hat
+                kl_root = kl_normal(mu_q, var_q, torch.zeros_like(mu_q), torch.ones_like(var_q))
+            else:
+                mu_p, var_p = self.transform[key](z[self.parent[i]])
+                mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_p, var_p)
+                kl_nodes = kl_nodes + prob[i] * kl_normal(mu_q, var_q, mu_p, var_p)
+            z[i] = mu_q
+            if sample:   # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps of MapConv
+                z[i] = mu_q + var_q.sqrt() * torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
+            kids = self.child_ids[i]
+            if len(kids) == 2:
+                logit_q[i] = self.router_q[key](d_i)                        # (B,)
+                kl_decisions = kl_decisions + prob[i] * kl_bernoulli(logit_q[i], self.router_p[key](z[i]))
+            elif not kids and i in decode:
+                rec = rec + prob[i] * self.nll(x, self.decoder[key](z[i]))
+            self._route(i, prob, logit_q.get(i))                             # P(child|x) for the children
+        out = {"rec": rec.mean(), "kl_root": kl_root.mean(), "kl_nodes": kl_nodes.mean(),
+               "kl_decisions": kl_decisions.mean(), "contrastive": x.new_zeros(()),
+               "leaf_probs": torch.stack([prob[l] for l in self.leaves], 1)}  # (B, n_leaves)
+        if x2 is not None:
+            out["contrastive"] = self.cfg.contrastive_weight * self.contrastive_loss(d, logit_q, prob)
+        return out, z
+
+    def nll(self, x, out):
+        """-log p(x | z_l) summed over pixels: BCE with logits (Bernoulli) or the sum of squared errors (the
+        authors' unit-variance Gaussian, up to the factor 1/2 and a constant)."""
+        if self.cfg.likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(out.float(), x, reduction="none").flatten(1).sum(1)
+        return ((out.float() - x) ** 2).flatten(1).sum(1)
+
+    def loss(self, out, alpha):
+        """The negative ELBO with KL annealing: rec + alpha * (KL_root + KL_nodes + KL_decisions) (+ contrastive
+        terms); alpha = 1 is TreeVAE's ELBO (Manduchi et al. Sec. 2), the warm-up alpha < 1 the authors'
+        AnnealKLCallback (utils/training_utils.py)."""
+        return out["rec"] + alpha * (out["kl_root"] + out["kl_nodes"] + out["kl_decisions"]) + out["contrastive"]
+
+    def contrastive_loss(self, d, logit_q, prob):
+        """CIFAR-10 (cifar10.yml, augmentation_method 'InfoNCE,instancewise_full'): InfoNCE (temperature 1) between the two views' decisions [p, 1-p] at every inner
+        node, weighted by the detached probability of reaching it, plus NT-Xent (temperature 0.5) on 10-d
+        projections of every bottom-up level. The batch holds view 1 then view 2."""
+        loss = d[0].new_zeros(())
+        for i, logit in logit_q.items():
+            p = torch.sigmoid(logit)
+            v = torch.stack([p, 1 - p], 1)                                    # (2B, 2)
+            va, vb = v.chunk(2)
+            w = prob[i].detach().view(2, -1).mean(0)                          # (B,)
+            labels = torch.arange(va.shape[0], device=v.device)
+            nce = 0.5 * (F.cross_entropy(va @ vb.T, labels, reduction="none")
+                         + F.cross_entropy(vb @ va.T, labels, reduction="none"))
+            loss = loss + (w * nce).mean()
+        for level, proj in zip(d, self.projection):
+            h = F.normalize(proj(level.flatten(1)), dim=1)                    # (2B, 10)
+            sim = h @ h.T / 0.5
+            sim = sim.masked_fill(torch.eye(len(h), dtype=torch.bool, device=h.device), float("-inf"))
+            n = len(h) // 2
+            target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(h.device)
+            loss = loss + F.cross_entropy(sim, target) / len(d)
+        return loss
+
+    # -- generation and reconstruction -----------------------------------------------------------------------
+    def decode(self, i, z):
+        """Image of leaf i from its latent, in [0, 1]."""
+        out = self.decoder[str(i)](z)
+        return torch.sigmoid(out) if self.cfg.likelihood == "bernoulli" else out.clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """Every leaf's reconstruction of x (posterior means, eval mode): ((B, n_leaves, C, H, W), (B, n_leaves))."""
+        assert x.min() >= 0 and x.max() <= 1, "TreeVAE expects images in [0, 1] (use data.to_float)"
+        modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
+        self.eval()
+        out, z = self.infer(x, sample=False, decode=[])       # the same walk as training, at posterior means
+        x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)
+        for m, mode in modes.items():
+            m.training = mode
+        return x_hat, out["leaf_probs"]
+
+    def _route(self, i, prob, logit_left):
+        """Pass node i's probability to its children: split by the decision, or copy through one child."""
+        kids = self.child_ids[i]
+        if len(kids) == 2:
+            p_left = torch.sigmoid(logit_left)
+            prob[kids[0]], prob[kids[1]] = prob[i] * p_left, prob[i] * (1 - p_left)
+        elif len(kids) == 1:
+            prob[kids[0]] = prob[i]
+
+    @torch.no_grad()
+    def generate(self, n, z0=None, leaf=None, generator=None):
+        """Ancestral sampling: z_0 ~ N(0, I), z_i ~ p(z_i | z_pa(i)) down the tree, every leaf decoded.
+        Returns (x_hat (n, n_leaves, C, H, W) in [0, 1], leaf_probs (n, n_leaves) from the p-routers).
+        leaf=k (a leaf index) walks only the path to that leaf and returns its images (n, C, H, W)."""
+        modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
+        self.eval()
+        cfg, dev = self.cfg, next(self.parameters()).device
+        shape = (n, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        z = {0: torch.randn(shape, generator=generator, device=dev) if z0 is None else z0.to(dev)}
+        prob, path = {0: torch.ones(n, device=dev)}, None
+        if leaf is not None:
+            if not 0 <= leaf < self.n_leaves:
+                raise ValueError(f"leaf {leaf} out of range: this tree has leaves 0..{self.n_leaves - 1}")
+            path, i = set(), self.leaves[leaf]
+            while i is not None:
+                path.add(i)
+                i = self.parent[i]
+        for i in self.walk():
+            if path is not None and i not in path:
+                continue
+            if self.parent[i] is not None:
+                mu_p, var_p = self.transform[str(i)](z[self.parent[i]])
+                eps = torch.randn(mu_p.shape, generator=generator, device=dev)
+                z[i] = mu_p + var_p.sqrt() * eps
+            self._route(i, prob, self.router_p[str(i)](z[i]) if len(self.child_ids[i]) == 2 else None)
+        if leaf is not None:
+            x_hat = self.decode(self.leaves[leaf], z[self.leaves[leaf]])                  # (n, C, H, W)
+        else:
+            x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)           # (n, L, C, H, W)
+        for m, mode in modes.items():                      # decoders ran in eval mode too; now restore
+            m.training = mode
+        return x_hat if leaf is not None else (x_hat, torch.stack([prob[l] for l in self.leaves], 1))
+
+    # -- growing and pruning (the authors' train/train_tree.py) -----------------------------------------------
+    def split(self, leaf_id):
+        """Turn leaf `leaf_id` into an inner node with two new children (their transformations, dense heads and
+        decoders; the leaf gains two routers and loses its decoder). Returns the new ids."""
+        if self.child_ids.get(leaf_id, [None]):
+            raise ValueError(f"node {leaf_id} is not a leaf of this tree")
+        if self.depth[leaf_id] >= self.cfg.max_depth:
+            raise ValueError(f"leaf {leaf_id} is at max_depth {self.cfg.max_depth}: no bottom-up level for children")
+        kids = [self.next_id, self.next_id + 1]
+        self.next_id += 2
+        for k in kids:
+            self._add_node(k, leaf_id)
+        return kids
+
+    def subtree_parameters(self, node_id):
+        """The parameters a split trains: the node's two routers and its children's transformation, dense and
+        decoder. Everything else stays frozen."""
+        mods = [self.router_p[str(node_id)], self.router_q[str(node_id)]]
+        for k in self.child_ids[node_id]:
+            mods += [self.transform[str(k)], self.dense[str(k)], self.decoder[str(k)]]
+        return [p for m in mods for p in m.parameters()], mods
+
+    def train_subtree(self, node_id):
+        """Train mode for the subtree of `node_id` only: the rest of the tree is in eval mode (frozen batch-norm
+        statistics) with requires_grad off. Returns the subtree parameters for the optimiser."""
+        params, mods = self.subtree_parameters(node_id)
+        self.eval().requires_grad_(False)
+        for m in mods:
+            m.train().requires_grad_(True)
+        return params
+
+    def train_all(self):
+        """Train mode and gradients for the whole tree (undoes `train_subtree`)."""
+        return self.train().requires_grad_(True)
+
+    def prune(self, leaf_counts, threshold):
+        """Remove leaves holding < threshold (prune_threshold: 1 %, utils/training_utils.py) of the hard-assigned
+        samples (`leaf_counts` in leaf order), fewest first.
+        A parent left with one child becomes a pass-through node; a node never loses its last child.
+        Returns the pruned leaf ids."""
+        total, pruned = sum(leaf_counts), []
+        for leaf, count in sorted(zip(self.leaves, leaf_counts), key=lambda t: t[1]):
+            parent = self.parent[leaf]
+            if count >= threshold * total or parent is None or len(self.child_ids[parent]) < 2:
+                continue
+            for modules in (self.dense, self.transform, self.decoder):
+                del modules[str(leaf)]
+            self.child_ids[parent].remove(leaf)
+            del self.parent[leaf], self.child_ids[leaf], self.depth[leaf]
+            self._set_inner(parent)
+            pruned.append(leaf)
+        return pruned
+
+    # -- checkpoint ------------------------------------------------------------------------------------------
+    def checkpoint(self):
+        """Self-contained: config, topology as plain lists, weights. torch.load(..., weights_only=True) reads it."""
+        return {"version": VERSION, "config": asdict(self.cfg), "topology": self.topology(),
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        if ckpt.get("version") != VERSION:
+            raise ValueError(f"checkpoint version {ckpt.get('version')} != {VERSION}: retrain with this code")
+        cfg = TreeVAEConfig(**{f.name: ckpt["config"][f.name] for f in fields(TreeVAEConfig)
+                               if f.name in ckpt["config"]})
+        model = cls(cfg, ckpt["topology"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model
+
+
+def choose_split(model, leaf_probs, batch_size):
+    """Which leaf to split, from the training set's leaf_probs (N, n_leaves), as the authors' utils/training_utils.py:
+    n_eff = number of leaves holding >= 1 % of the probability mass; a sample belongs to leaf l when
+    P(l|x) >= min(1/n_eff, 0.5) (the 0.5 cap: with n_eff = 1 the threshold 1 would count almost no sample). Split the fullest leaf with at
+    least one batch of samples; stop at the leaf budget or when the fullest candidate sits at max depth.
+    Returns (leaf id or None, message, sample mask (N,) of that leaf)."""
+    mass = leaf_probs.mean(0)                                               # (n_leaves,)
+    n_eff = int((mass >= 0.01).sum())
+    if n_eff >= model.cfg.max_leaves:
+        return None, f"stop: {n_eff} effective leaves reached the budget of {model.cfg.max_leaves}", None
+    members = leaf_probs >= min(1.0 / n_eff, 0.5)                           # (N, n_leaves)
+    counts = members.sum(0)
+    for k in counts.argsort(descending=True).tolist():
+        leaf = model.leaves[k]
+        if counts[k] < batch_size:
+            break
+        if model.depth[leaf] >= model.cfg.max_depth:
+            return None, f"stop: the fullest leaf {leaf} is at the maximum depth {model.cfg.max_depth}", None
+        return leaf, (f"split leaf {leaf} (index {k}, depth {model.depth[leaf]}, {int(counts[k])} samples, "
+                      f"n_eff {n_eff}; leaf masses % {[round(100 * float(m)) for m in mass]})"), members[:, k]
+    return None, "stop: no leaf holds one batch of samples", None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The clustering metrics Manduchi et al. report (test set, hard assignment argmax_l P(l|x)): accuracy under the best
+# cluster-to-class matching, NMI, leaf purity, dendrogram purity. Written here so that no scipy / scikit-learn is
+# needed.
+
+def hungarian(cost):
+    """Minimum-cost perfect assignment of an n x m cost matrix (n <= m): the O(n^2 m) Hungarian algorithm with
+    potentials (Kuhn-Munkres, shortest augmenting paths). Returns col[row] for every row."""
+    cost = [list(map(float, row)) for row in cost]
+    n, m = len(cost), len(cost[0])
+    assert n <= m, "transpose the matrix: rows must not outnumber columns"
+    u, v = [0.0] * (n + 1), [0.0] * (m + 1)        # row and column potentials (1-based, index 0 is a sentinel)
+    match, way = [0] * (m + 1), [0] * (m + 1)      # match[j] = row assigned to column j
+    for i in range(1, n + 1):
+        match[0], j0 = i, 0
+        minv, used = [math.inf] * (m + 1), [False] * (m + 1)
+        while match[j0]:                           # grow the alternating tree until a free column is reached
+            used[j0], i0, delta, j1 = True, match[j0], math.inf, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    reduced = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if reduced < minv[j]:
+                        minv[j], way[j] = reduced, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(m + 1):                 # shift potentials so that a new zero-cost edge appears
+                if used[j]:
+                    u[match[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+        while j0:                                  # flip the augmenting path
+            j1 = way[j0]
+            match[j0], j0 = match[j1], j1
+    col = [0] * n
+    for j in range(1, m + 1):
+        if match[j]:
+            col[match[j] - 1] = j - 1
+    return col
+
+
+def contingency(pred, labels):
+    """n[c, k] = number of samples of cluster c with label k, as a float64 tensor."""
+    pred, labels = torch.as_tensor(pred).long(), torch.as_tensor(labels).long()
+    n = torch.zeros(int(pred.max()) + 1, int(labels.max()) + 1, dtype=torch.float64)
+    return n.index_put_((pred, labels), torch.ones(len(pred), dtype=torch.float64), accumulate=True)
+
+
+def cluster_accuracy(pred, labels):
+    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian algorithm); clusters left
+    without a class (more clusters than classes) count as errors."""
+    n = contingency(pred, labels)
+    if n.shape[0] > n.shape[1]:
+        n = torch.cat([n, n.new_zeros(n.shape[0], n.shape[0] - n.shape[1])], 1)
+    col = hungarian((-n).tolist())
+    return float(sum(n[r, c] for r, c in enumerate(col)) / n.sum())
+
+
+def nmi(pred, labels):
+    """Normalised mutual information I(C; K) / ((H(C) + H(K)) / 2), scikit-learn's default 'arithmetic' mean."""
+    p = contingency(pred, labels)
+    p = p / p.sum()
+    pc, pk = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    mi = (p[nz] * (p[nz] / (pc @ pk)[nz]).log()).sum()
+    h = lambda q: -(q[q > 0] * q[q > 0].log()).sum()
+    denom = (h(pc) + h(pk)) / 2
+    return 1.0 if denom == 0 else float(mi / denom)
+
+
+def leaf_purity(pred, labels):
+    """Fraction of samples that carry their leaf's majority label (size-weighted mean of per-leaf purity)."""
+    n = contingency(pred, labels)
+    return float(n.max(1).values.sum() / n.sum())
+
+
+def dendrogram_purity(model, pred, labels):
+    """Dendrogram purity (Heller & Ghahramani 2005): over all pairs of distinct samples with the same label,
+    the mean purity of their lowest common ancestor's subtree (fraction of its samples with that label).
+    Pairs whose LCA is node v with label k: (n_vk^2 - sum_children n_ck^2) / 2 across children, plus
+    n_vk (n_vk - 1) / 2 inside a leaf. Uses the tree walk (reversed: children before parents)."""
+    n_leaf = contingency(pred, labels)
+    n_classes = n_leaf.shape[1]
+    counts = {}                                                  # node -> (n_classes,) samples in its subtree
+    for i in reversed(list(model.walk())):
+        kids = model.child_ids[i]
+        if not kids:
+            k = model.leaves.index(i)
+            counts[i] = n_leaf[k] if k < len(n_leaf) else torch.zeros(n_classes, dtype=torch.float64)
+            pairs = counts[i] * (counts[i] - 1) / 2
+        else:
+            counts[i] = sum(counts[c] for c in kids)
+            pairs = (counts[i] ** 2 - sum(counts[c] ** 2 for c in kids)) / 2
+        purity = counts[i] / counts[i].sum().clamp(min=1)
+        counts[i, "score"] = (pairs * purity).sum()
+    total_pairs = (n_leaf.sum(0) * (n_leaf.sum(0) - 1) / 2).sum()
+    if total_pairs == 0:
+        return float("nan")                                     # no two samples share a label: undefined
+    return float(sum(v for key, v in counts.items() if isinstance(key, tuple)) / total_pairs)
+
+
+def cluster_metrics(model, pred, labels):
+    """The four clustering figures TreeVAE reports (NMI, accuracy, leaf and dendrogram purity) plus the tree's size,
+    for metrics.json."""
+    pred, labels = torch.as_tensor(pred).long(), torch.as_tensor(labels).long()
+    return {"nmi": nmi(pred, labels), "acc": cluster_accuracy(pred, labels),
+            "leaf_purity": leaf_purity(pred, labels), "dendrogram_purity": dendrogram_purity(model, pred, labels),
+            "n_leaves": model.n_leaves,
+            "leaf_sizes": torch.bincount(pred, minlength=model.n_leaves).tolist()}
+
+
+# ================================================================================================================
+# OPTIONAL READING: exact CPU rewrites. Nothing above needs them to be understood: each computes the same linear
+# map as the nn.Conv2d it replaces (same parameters and state-dict keys, equal to float32 rounding, tested in
+# tests/test_fast_paths.py) and runs only on a CPU, where torch's convolutions pay a high fixed cost on the tree's
+# tiny maps and odd channel counts. Off the CPU and under torch.compile each falls back to the plain convolution.
+#   MapConv        3x3 conv on an R x R map as one matrix product: a conv is a linear map, i.e. a dense matrix of
+#                  gathered kernel taps. 2-3x faster tree steps; its NHWC output makes the batch norm after it
+#                  79 instead of 379 us (forward + backward of a (256, 32, 2, 2) map, 2 threads).
+#   SpatialMajor   the (B, C, H, W) -> (H, W, B C) copy FourierConv2d starts from, with a backward that keeps the
+#                  gradient's layout: the encoder's SiLU backward 4.6 -> 1.5 ms a step.
+#   FourierConv2d  the authors' encoder's 12 x 12 conv through the DFT: correlation theorem on the zero-padded
+#                  grid. Forward + backward at batch 256 on 2 threads 37.7 -> 20.4-21.2 ms (1.7 -> 0.4 GFLOP).
+# The model picks them in conv_bn (small=True: MapConv), GaussianHead, Router and AuthorsEncoder.
+# ================================================================================================================
 
 class MapConv(nn.Conv2d):
     """A 3x3, padding-1 convolution on the small R x R maps of the tree (2 x 2 on MNIST), computed exactly as one
@@ -299,602 +947,3 @@ class FourierConv2d(nn.Conv2d):
         out = torch.matmul(inv_cols, Z.view(Ho, 2 * L, B * Co)).view(Ho, Wo, B, Co)   # (r, s, b, o)
         out = out.permute(2, 3, 0, 1).contiguous(memory_format=torch.channels_last)   # (B, Co, Ho, Wo), NHWC
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-
-
-def spectral(m, on=True):
-    """Spectral normalisation (Miyato et al. 2018): W / sigma_max(W), sigma_max by one power iteration per step.
-    It caps the gain of a layer at 1; the authors put it on the encoder and the bottom-up chain."""
-    return nn.utils.parametrizations.spectral_norm(m) if on else m
-
-
-def conv_bn(c_in, c_out, act, k=3, stride=1, pad=1, small=False, sn=False, conv=nn.Conv2d):
-    conv = MapConv(c_in, c_out, bias=False) if small else conv(c_in, c_out, k, stride, pad, bias=False)
-    return nn.Sequential(spectral(conv, sn), nn.BatchNorm2d(c_out), act_fn(act))
-
-
-class MLPBlock(nn.Module):
-    """3 x (conv3x3 + BN + act) on an R x R map, channels c_in -> c_in -> c_in -> c_out: the 'MLP' of the
-    CNN-TreeVAE (the authors' `Conv`). Spectral norm on the first two convs (`sn`, the authors' bottom-up chain);
-    a residual connection only when asked for and in == out."""
-    def __init__(self, c_in, c_out, act, residual=False, sn=False):
-        super().__init__()
-        self.net = nn.Sequential(conv_bn(c_in, c_in, act, small=True, sn=sn), conv_bn(c_in, c_in, act, small=True, sn=sn),
-                                 conv_bn(c_in, c_out, act, small=True))
-        self.residual = residual and c_in == c_out
-
-    def forward(self, h):
-        return h + self.net(h) if self.residual else self.net(h)
-
-
-class GaussianHead(nn.Module):
-    """(mu, var) by two conv3x3; var = softplus(.) + 1e-6 keeps every log finite without clamping."""
-    def __init__(self, c_in, c_out, sn=False):
-        super().__init__()
-        self.mu, self.var = spectral(MapConv(c_in, c_out), sn), spectral(MapConv(c_in, c_out), sn)
-
-    def forward(self, h):
-        return self.mu(h), F.softplus(self.var(h)) + 1e-6
-
-
-class Transformation(nn.Module):
-    """p(z_i | z_pa(i)): the prior of a node given its parent's sample."""
-    def __init__(self, c_latent, c_hidden, act):
-        super().__init__()
-        self.block, self.head = MLPBlock(c_latent, c_hidden, act), GaussianHead(c_hidden, c_latent)
-
-    def forward(self, z_parent):
-        return self.head(self.block(z_parent))
-
-
-class Router(nn.Module):
-    """Decision logit: conv3x3 -> 1 channel, flatten R^2, two hidden layers (Linear, BN, act; width = bottom-up
-    channels) -> 1. Returns the logit of 'go left' (B,); the probability is its sigmoid."""
-    def __init__(self, c_in, r, c_hidden, act):
-        super().__init__()
-        self.conv = MapConv(c_in, 1, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(r * r, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
-                                 nn.Linear(c_hidden, c_hidden, bias=False), nn.BatchNorm1d(c_hidden), act_fn(act),
-                                 nn.Linear(c_hidden, 1))
-
-    def forward(self, h):
-        # A decision is a difference of logits: under bf16 autocast (GPU) its 8-bit mantissa moves P(l|x) by ~1 %,
-        # so the routers always run in float32 (they are a tiny share of the FLOPs).
-        off = torch.autocast(h.device.type, enabled=False) if h.device.type in ("cuda", "cpu") else nullcontext()
-        with off:                                  # (torch 2.4 has no autocast on MPS, not even a disabled one)
-            return self.mlp(self.conv(h.float()).flatten(1)).squeeze(1)  # (B,)
-
-
-class SmallEncoder(nn.Module):
-    """MNIST/FMNIST encoder, 28 -> 7 -> 3 -> 2 px. [ours] Instead of the authors' large-kernel convs on the 28 x 28
-    grid, a space-to-depth step (pixel unshuffle: each 4 x 4 patch becomes 16 channels at 7 x 7) lets every conv
-    run on wide, small maps, which is 2-4x faster on a CPU for the same receptive field (README, bench.py)."""
-    def __init__(self, c_in, c_out, act, sn=False):
-        super().__init__()
-        self.net = nn.Sequential(nn.PixelUnshuffle(4), conv_bn(16 * c_in, 32, act, 3, 1, 1, sn=sn),          # (32, 7, 7)
-                                 conv_bn(32, 32, act, 3, 2, 0, sn=sn), conv_bn(32, c_out, act, 2, 1, 0, sn=sn))  # 3, 2 px
-
-    def forward(self, x):
-        return self.net(x)  # (B, C, 2, 2)
-
-
-class SmallDecoder(nn.Module):
-    """The encoder's mirror: transposed convs 2 -> 3 -> 7 px, a conv at 7 x 7, then depth-to-space (pixel
-    shuffle: 16 channels -> one 4 x 4 patch) to 28 x 28. Outputs logits (Bernoulli) or means (Gaussian)."""
-    def __init__(self, c_latent, c_out, width, act):
-        super().__init__()
-        w = width
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(c_latent, w, 2, 1, 0, bias=False), nn.BatchNorm2d(w), act_fn(act),   # (w, 3, 3)
-            nn.ConvTranspose2d(w, w, 3, 2, 0, bias=False), nn.BatchNorm2d(w), act_fn(act),          # (w, 7, 7)
-            conv_bn(w, w, act), nn.Conv2d(w, 16 * c_out, 3, padding=1), nn.PixelShuffle(4))         # (c_out, 28, 28)
-
-    def forward(self, z):
-        return self.net(z)
-
-
-def _linspace_channels(a, b):
-    """The authors' channel ladder: 4 evenly spaced integers from a to b (1 -> 32: 1, 11, 21, 32)."""
-    return [int(a + (b - a) * k / 3) for k in range(4)]
-
-
-class AuthorsEncoder(nn.Module):
-    """The authors' MNIST encoder: three large-kernel convs, 28 -> 19 -> 10 -> 2 px, channels 1 -> 11 -> 21 -> 32.
-    The second conv is a FourierConv2d: on a CPU it runs through the DFT and hands the third one NHWC maps (the
-    layout oneDNN convolves in); elsewhere it is a plain nn.Conv2d and the maps stay NCHW, as measured there."""
-    def __init__(self, c_in, c_out, act, sn=False):
-        super().__init__()
-        c = _linspace_channels(c_in, c_out)
-        self.net = nn.Sequential(conv_bn(c[0], c[1], act, 12, 1, 1, sn=sn),
-                                 conv_bn(c[1], c[2], act, 12, 1, 1, sn=sn, conv=FourierConv2d),
-                                 conv_bn(c[2], c[3], act, 7, 5, 1, sn=sn))
-
-    def forward(self, x):
-        return self.net(x)  # (B, C, 2, 2)
-
-
-class AuthorsDecoder(nn.Module):
-    """The authors' MNIST decoder: transposed convs 2 -> 10 -> 19 -> 28 px, channels 16 -> 11 -> 6 -> 1."""
-    def __init__(self, c_latent, c_out, width, act):
-        super().__init__()
-        c = _linspace_channels(c_latent, c_out)
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(c[0], c[1], 7, 5, 1, bias=False), nn.BatchNorm2d(c[1]), act_fn(act),     # (c1, 10, 10)
-            nn.ConvTranspose2d(c[1], c[2], 12, 1, 1, bias=False), nn.BatchNorm2d(c[2]), act_fn(act),    # (c2, 19, 19)
-            nn.ConvTranspose2d(c[2], c[3], 12, 1, 1, bias=False))                                       # (1, 28, 28)
-
-    def forward(self, z):
-        return self.net(z)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c, act):
-        super().__init__()
-        self.net = nn.Sequential(nn.BatchNorm2d(c), act_fn(act), nn.Conv2d(c, c, 3, padding=1, bias=False),
-                                 nn.BatchNorm2d(c), act_fn(act), nn.Conv2d(c, c, 3, padding=1, bias=False))
-
-    def forward(self, h):
-        return h + self.net(h)
-
-
-class ResEncoder(nn.Module):
-    """CIFAR-10 encoder: conv3x3, ResNet blocks, 3 stride-2 downsamples 32 -> 4 px, ending with c_out channels."""
-    def __init__(self, c_in, c_out, act, sn=False):
-        super().__init__()
-        chans, layers = [c_out // 4, c_out // 2, c_out], [spectral(nn.Conv2d(c_in, c_out // 4, 3, padding=1), sn)]
-        for i, c in enumerate(chans):
-            layers += [ResBlock(chans[max(i - 1, 0)], act), nn.Conv2d(chans[max(i - 1, 0)], c, 4, 2, 1)]
-        self.net = nn.Sequential(*layers, ResBlock(c_out, act), nn.BatchNorm2d(c_out), act_fn(act))
-
-    def forward(self, x):
-        return self.net(x)  # (B, C, 4, 4)
-
-
-class ResDecoder(nn.Module):
-    """CIFAR-10 decoder: ResNet blocks and 3 x2 upsamples 4 -> 32 px, linear output (Gaussian means)."""
-    def __init__(self, c_latent, c_out, width, act):
-        super().__init__()
-        chans, layers = [width, width // 2, width // 4], [nn.Conv2d(c_latent, width, 3, padding=1)]
-        for i, c in enumerate(chans):
-            layers += [ResBlock(chans[max(i - 1, 0)], act), nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(chans[max(i - 1, 0)], c, 3, padding=1)]
-        self.net = nn.Sequential(*layers, nn.BatchNorm2d(chans[-1]), act_fn(act), nn.Conv2d(chans[-1], c_out, 3, 1, 1))
-
-    def forward(self, z):
-        return self.net(z)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model
-
-class TreeVAE(nn.Module):
-    def __init__(self, cfg: TreeVAEConfig, topology=None):
-        super().__init__()
-        for name in ("encoder_arch", "decoder_arch"):
-            if getattr(cfg, name) not in ("fast", "authors"):
-                raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: use 'authors' or 'fast'")
-        self.cfg = cfg
-        c, r, cb, act = cfg.latent_channels, cfg.latent_size, cfg.bottom_up_channels, cfg.activation
-        small = cfg.image_size == 28
-        encoder = (AuthorsEncoder if cfg.encoder_arch == "authors" else SmallEncoder) if small else ResEncoder
-        self.encoder = encoder(cfg.in_channels, cb, act, cfg.spectral_norm)
-        # d_1 .. d_max_depth: one bottom-up step per level; the root reads d_max_depth, the deepest leaves d_0
-        self.bottom_up = nn.ModuleList(MLPBlock(cb, cb, act, cfg.residual, cfg.spectral_norm)
-                                       for _ in range(cfg.max_depth))
-        # Per-node modules live in dicts keyed by str(node id); which keys exist follows the topology.
-        self.dense, self.transform = nn.ModuleDict(), nn.ModuleDict()
-        self.router_p, self.router_q, self.decoder = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        if cfg.contrastive:  # NT-Xent heads: a 10-d projection of every bottom-up level (SPEC 2, CIFAR-10)
-            self.projection = nn.ModuleList(nn.Linear(cb * r * r, 10) for _ in range(cfg.max_depth + 1))
-        # Topology as plain data. Default: the initial tree, root 0 with leaves 1 and 2.
-        topology = topology or {"parent": [[0, -1], [1, 0], [2, 0]], "next_id": 3}
-        self.parent, self.child_ids, self.depth = {}, {}, {}
-        for i, p in topology["parent"]:            # parents are listed before their children
-            self._add_node(i, None if p < 0 else p)
-        self.next_id = topology["next_id"]
-
-    # -- topology --------------------------------------------------------------------------------------------
-    def _add_node(self, i, parent):
-        """Register node i under `parent` and create its modules; a node starts as a leaf."""
-        cfg, key = self.cfg, str(i)
-        self.parent[i], self.child_ids[i] = parent, []
-        self.depth[i] = 0 if parent is None else self.depth[parent] + 1
-        # The authors' code normalises the dense heads of the nodes that splits create (ids from 3 on: the initial
-        # tree is 0, 1, 2), not those of the initial tree; we follow it.
-        self.dense[key] = GaussianHead(cfg.bottom_up_channels, cfg.latent_channels, cfg.spectral_norm and i >= 3)
-        if parent is not None:
-            self.transform[key] = Transformation(cfg.latent_channels, cfg.bottom_up_channels, cfg.activation)
-            self.child_ids[parent].append(i)
-            self._set_inner(parent)
-        self.decoder[key] = self._new_decoder()
-
-    def _new_decoder(self):
-        cfg = self.cfg
-        small = AuthorsDecoder if cfg.decoder_arch == "authors" else SmallDecoder
-        decoder = (small if cfg.image_size == 28 else ResDecoder)(
-            cfg.latent_channels, cfg.in_channels, cfg.decoder_channels, cfg.activation)
-        if cfg.decoder_spectral_norm:      # not the authors' placement (see TreeVAEConfig), kept to compare
-            for m in decoder.net.children():
-                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                    spectral(m)                    # registers the parametrization in place
-        return decoder
-
-    def _set_inner(self, i):
-        """Node i has just gained or lost a child: fix its decoder (leaves only) and routers (two children only)."""
-        cfg, key, n_children = self.cfg, str(i), len(self.child_ids[i])
-        if n_children and key in self.decoder:
-            del self.decoder[key]                  # SPEC 4e: the split leaf's decoder is dropped
-        if n_children == 2 and key not in self.router_p:
-            r, cb = cfg.latent_size, cfg.bottom_up_channels
-            self.router_p[key] = Router(cfg.latent_channels, r, cb, cfg.activation)
-            self.router_q[key] = Router(cb, r, cb, cfg.activation)
-        if n_children == 1 and key in self.router_p:   # a pass-through node decides nothing
-            del self.router_p[key], self.router_q[key]
-
-    def walk(self, start=0):
-        """THE tree walk: breadth-first from `start`, parents before children. Everything else uses it."""
-        queue = [start]
-        while queue:
-            i = queue.pop(0)
-            yield i
-            queue += self.child_ids[i]
-
-    @property
-    def leaves(self):
-        """Leaf node ids in breadth-first order; a leaf's index in this list is its cluster label."""
-        return [i for i in self.walk() if not self.child_ids[i]]
-
-    @property
-    def n_leaves(self):
-        return len(self.leaves)
-
-    def topology(self):
-        return {"parent": [[i, -1 if self.parent[i] is None else self.parent[i]] for i in self.walk()],
-                "next_id": self.next_id}
-
-    # -- inference and the ELBO ------------------------------------------------------------------------------
-    def bottom_up_features(self, x):
-        """d_0 = Encoder(x), d_k = BottomUp_k(d_{k-1}); returns [d_0, ..., d_max_depth], each (B, Cb, R, R)."""
-        d = [self.encoder(x)]
-        for step in self.bottom_up:
-            d.append(step(d[-1]))
-        return d
-
-    def forward(self, x, x2=None, sample=True, decode=None):
-        """x: images in [0, 1] (B, C, H, W). x2: a second augmented view (contrastive training only).
-        sample: reparameterised z (training) or posterior means (deterministic evaluation).
-        decode: leaf ids whose reconstruction term is computed (default all); subtree training decodes only the
-        new leaves, since the other leaves' terms do not depend on the trainable parameters.
-        Returns the loss terms (batch means) and leaf_probs (B, n_leaves)."""
-        return self.infer(x, x2, sample, decode)[0]
-
-    def infer(self, x, x2=None, sample=True, decode=None):
-        """The inference walk behind forward: (forward's dict, z) with z[i] the latent of node i (B, C, R, R)."""
-        if x2 is not None:
-            if not self.cfg.contrastive:
-                raise ValueError("a second view x2 needs contrastive=True (the CIFAR-10 setting)")
-            x = torch.cat([x, x2])                 # both views go through the ELBO
-        B, D = x.shape[0], self.cfg.max_depth
-        d = self.bottom_up_features(x)
-        zero = x.new_zeros(B)
-        z, prob, logit_q = {}, {0: x.new_ones(B)}, {}
-        kl_root, kl_nodes, kl_decisions, rec = zero, zero, zero, zero
-        decode = set(self.leaves if decode is None else decode)
-        for i in self.walk():
-            key, d_i = str(i), d[D - self.depth[i]]
-            mu_hat, var_hat = self.dense[key](d_i)                          # (B, C, R, R) each
-            if self.parent[i] is None:
-                mu_q, var_q = mu_hat, var_hat
-                kl_root = kl_normal(mu_q, var_q, torch.zeros_like(mu_q), torch.ones_like(var_q))
-            else:
-                mu_p, var_p = self.transform[key](z[self.parent[i]])
-                mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_p, var_p)
-                kl_nodes = kl_nodes + prob[i] * kl_normal(mu_q, var_q, mu_p, var_p)
-            z[i] = mu_q
-            if sample:   # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps of MapConv
-                z[i] = mu_q + var_q.sqrt() * torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
-            kids = self.child_ids[i]
-            if len(kids) == 2:
-                logit_q[i] = self.router_q[key](d_i)                        # (B,)
-                kl_decisions = kl_decisions + prob[i] * kl_bernoulli(logit_q[i], self.router_p[key](z[i]))
-            elif not kids and i in decode:
-                rec = rec + prob[i] * self.nll(x, self.decoder[key](z[i]))
-            self._route(i, prob, logit_q.get(i))                             # P(child|x) for the children
-        out = {"rec": rec.mean(), "kl_root": kl_root.mean(), "kl_nodes": kl_nodes.mean(),
-               "kl_decisions": kl_decisions.mean(), "contrastive": x.new_zeros(()),
-               "leaf_probs": torch.stack([prob[l] for l in self.leaves], 1)}  # (B, n_leaves)
-        if x2 is not None:
-            out["contrastive"] = self.cfg.contrastive_weight * self.contrastive_loss(d, logit_q, prob)
-        return out, z
-
-    def nll(self, x, out):
-        """-log p(x | z_l) summed over pixels: BCE with logits (Bernoulli) or the sum of squared errors (the
-        authors' unit-variance Gaussian, up to the factor 1/2 and a constant)."""
-        if self.cfg.likelihood == "bernoulli":
-            return F.binary_cross_entropy_with_logits(out.float(), x, reduction="none").flatten(1).sum(1)
-        return ((out.float() - x) ** 2).flatten(1).sum(1)
-
-    def loss(self, out, alpha):
-        """SPEC 2: rec + alpha * (KL_root + KL_nodes + KL_decisions) (+ contrastive terms)."""
-        return out["rec"] + alpha * (out["kl_root"] + out["kl_nodes"] + out["kl_decisions"]) + out["contrastive"]
-
-    def contrastive_loss(self, d, logit_q, prob):
-        """CIFAR-10 (SPEC 2): InfoNCE (temperature 1) between the two views' decisions [p, 1-p] at every inner
-        node, weighted by the detached probability of reaching it, plus NT-Xent (temperature 0.5) on 10-d
-        projections of every bottom-up level. The batch holds view 1 then view 2."""
-        loss = d[0].new_zeros(())
-        for i, logit in logit_q.items():
-            p = torch.sigmoid(logit)
-            v = torch.stack([p, 1 - p], 1)                                    # (2B, 2)
-            va, vb = v.chunk(2)
-            w = prob[i].detach().view(2, -1).mean(0)                          # (B,)
-            labels = torch.arange(va.shape[0], device=v.device)
-            nce = 0.5 * (F.cross_entropy(va @ vb.T, labels, reduction="none")
-                         + F.cross_entropy(vb @ va.T, labels, reduction="none"))
-            loss = loss + (w * nce).mean()
-        for level, proj in zip(d, self.projection):
-            h = F.normalize(proj(level.flatten(1)), dim=1)                    # (2B, 10)
-            sim = h @ h.T / 0.5
-            sim = sim.masked_fill(torch.eye(len(h), dtype=torch.bool, device=h.device), float("-inf"))
-            n = len(h) // 2
-            target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(h.device)
-            loss = loss + F.cross_entropy(sim, target) / len(d)
-        return loss
-
-    # -- generation and reconstruction -----------------------------------------------------------------------
-    def decode(self, i, z):
-        """Image of leaf i from its latent, in [0, 1]."""
-        out = self.decoder[str(i)](z)
-        return torch.sigmoid(out) if self.cfg.likelihood == "bernoulli" else out.clamp(0, 1)
-
-    @torch.no_grad()
-    def reconstruct(self, x):
-        """Every leaf's reconstruction of x (posterior means, eval mode): ((B, n_leaves, C, H, W), (B, n_leaves))."""
-        assert x.min() >= 0 and x.max() <= 1, "TreeVAE expects images in [0, 1] (use data.to_float)"
-        modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
-        self.eval()
-        out, z = self.infer(x, sample=False, decode=[])       # the same walk as training, at posterior means
-        x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)
-        for m, mode in modes.items():
-            m.training = mode
-        return x_hat, out["leaf_probs"]
-
-    def _route(self, i, prob, logit_left):
-        """Pass node i's probability to its children: split by the decision, or copy through one child."""
-        kids = self.child_ids[i]
-        if len(kids) == 2:
-            p_left = torch.sigmoid(logit_left)
-            prob[kids[0]], prob[kids[1]] = prob[i] * p_left, prob[i] * (1 - p_left)
-        elif len(kids) == 1:
-            prob[kids[0]] = prob[i]
-
-    @torch.no_grad()
-    def generate(self, n, z0=None, leaf=None, generator=None):
-        """Ancestral sampling: z_0 ~ N(0, I), z_i ~ p(z_i | z_pa(i)) down the tree, every leaf decoded.
-        Returns (x_hat (n, n_leaves, C, H, W) in [0, 1], leaf_probs (n, n_leaves) from the p-routers).
-        leaf=k (a leaf index) walks only the path to that leaf and returns its images (n, C, H, W)."""
-        modes = {m: m.training for m in self.modules()}   # restored below (subtree training mixes modes)
-        self.eval()
-        cfg, dev = self.cfg, next(self.parameters()).device
-        shape = (n, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        z = {0: torch.randn(shape, generator=generator, device=dev) if z0 is None else z0.to(dev)}
-        prob, path = {0: torch.ones(n, device=dev)}, None
-        if leaf is not None:
-            if not 0 <= leaf < self.n_leaves:
-                raise ValueError(f"leaf {leaf} out of range: this tree has leaves 0..{self.n_leaves - 1}")
-            path, i = set(), self.leaves[leaf]
-            while i is not None:
-                path.add(i)
-                i = self.parent[i]
-        for i in self.walk():
-            if path is not None and i not in path:
-                continue
-            if self.parent[i] is not None:
-                mu_p, var_p = self.transform[str(i)](z[self.parent[i]])
-                eps = torch.randn(mu_p.shape, generator=generator, device=dev)
-                z[i] = mu_p + var_p.sqrt() * eps
-            self._route(i, prob, self.router_p[str(i)](z[i]) if len(self.child_ids[i]) == 2 else None)
-        if leaf is not None:
-            x_hat = self.decode(self.leaves[leaf], z[self.leaves[leaf]])                  # (n, C, H, W)
-        else:
-            x_hat = torch.stack([self.decode(l, z[l]) for l in self.leaves], 1)           # (n, L, C, H, W)
-        for m, mode in modes.items():                      # decoders ran in eval mode too; now restore
-            m.training = mode
-        return x_hat if leaf is not None else (x_hat, torch.stack([prob[l] for l in self.leaves], 1))
-
-    # -- growing and pruning (SPEC 4) ------------------------------------------------------------------------
-    def split(self, leaf_id):
-        """Turn leaf `leaf_id` into an inner node with two new children (SPEC 4d-e). Returns the new ids."""
-        if self.child_ids.get(leaf_id, [None]):
-            raise ValueError(f"node {leaf_id} is not a leaf of this tree")
-        if self.depth[leaf_id] >= self.cfg.max_depth:
-            raise ValueError(f"leaf {leaf_id} is at max_depth {self.cfg.max_depth}: no bottom-up level for children")
-        kids = [self.next_id, self.next_id + 1]
-        self.next_id += 2
-        for k in kids:
-            self._add_node(k, leaf_id)
-        return kids
-
-    def subtree_parameters(self, node_id):
-        """The parameters a split trains: the node's two routers and its children's transformation, dense and
-        decoder. Everything else stays frozen."""
-        mods = [self.router_p[str(node_id)], self.router_q[str(node_id)]]
-        for k in self.child_ids[node_id]:
-            mods += [self.transform[str(k)], self.dense[str(k)], self.decoder[str(k)]]
-        return [p for m in mods for p in m.parameters()], mods
-
-    def train_subtree(self, node_id):
-        """Train mode for the subtree of `node_id` only: the rest of the tree is in eval mode (frozen batch-norm
-        statistics) with requires_grad off. Returns the subtree parameters for the optimiser."""
-        params, mods = self.subtree_parameters(node_id)
-        self.eval().requires_grad_(False)
-        for m in mods:
-            m.train().requires_grad_(True)
-        return params
-
-    def train_all(self):
-        """Train mode and gradients for the whole tree (undoes `train_subtree`)."""
-        return self.train().requires_grad_(True)
-
-    def prune(self, leaf_counts, threshold):
-        """SPEC 4.3: remove leaves holding < threshold of the hard-assigned samples (`leaf_counts` in leaf order).
-        A parent left with one child becomes a pass-through node; a node never loses its last child.
-        Returns the pruned leaf ids."""
-        total, pruned = sum(leaf_counts), []
-        for leaf, count in sorted(zip(self.leaves, leaf_counts), key=lambda t: t[1]):
-            parent = self.parent[leaf]
-            if count >= threshold * total or parent is None or len(self.child_ids[parent]) < 2:
-                continue
-            for modules in (self.dense, self.transform, self.decoder):
-                del modules[str(leaf)]
-            self.child_ids[parent].remove(leaf)
-            del self.parent[leaf], self.child_ids[leaf], self.depth[leaf]
-            self._set_inner(parent)
-            pruned.append(leaf)
-        return pruned
-
-    # -- checkpoint ------------------------------------------------------------------------------------------
-    def checkpoint(self):
-        """Self-contained: config, topology as plain lists, weights. torch.load(..., weights_only=True) reads it."""
-        return {"version": VERSION, "config": asdict(self.cfg), "topology": self.topology(),
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt):
-        if ckpt.get("version") != VERSION:
-            raise ValueError(f"checkpoint version {ckpt.get('version')} != {VERSION}: retrain with this code")
-        cfg = TreeVAEConfig(**{f.name: ckpt["config"][f.name] for f in fields(TreeVAEConfig)
-                               if f.name in ckpt["config"]})
-        model = cls(cfg, ckpt["topology"])
-        model.load_state_dict(ckpt["state_dict"])
-        return model
-
-
-def choose_split(model, leaf_probs, batch_size):
-    """SPEC 4b-c on the training set's leaf_probs (N, n_leaves). n_eff = number of leaves holding >= 1 % of the
-    probability mass; a sample belongs to leaf l when P(l|x) >= min(1/n_eff, 0.5). Split the fullest leaf with at
-    least one batch of samples; stop at the leaf budget or when the fullest candidate sits at max depth.
-    Returns (leaf id or None, message, sample mask (N,) of that leaf)."""
-    mass = leaf_probs.mean(0)                                               # (n_leaves,)
-    n_eff = int((mass >= 0.01).sum())
-    if n_eff >= model.cfg.max_leaves:
-        return None, f"stop: {n_eff} effective leaves reached the budget of {model.cfg.max_leaves}", None
-    members = leaf_probs >= min(1.0 / n_eff, 0.5)                           # (N, n_leaves)
-    counts = members.sum(0)
-    for k in counts.argsort(descending=True).tolist():
-        leaf = model.leaves[k]
-        if counts[k] < batch_size:
-            break
-        if model.depth[leaf] >= model.cfg.max_depth:
-            return None, f"stop: the fullest leaf {leaf} is at the maximum depth {model.cfg.max_depth}", None
-        return leaf, (f"split leaf {leaf} (index {k}, depth {model.depth[leaf]}, {int(counts[k])} samples, "
-                      f"n_eff {n_eff}; leaf masses % {[round(100 * float(m)) for m in mass]})"), members[:, k]
-    return None, "stop: no leaf holds one batch of samples", None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Clustering metrics (SPEC 6), written here so that no scipy / scikit-learn is needed.
-
-def hungarian(cost):
-    """Minimum-cost perfect assignment of an n x m cost matrix (n <= m): the O(n^2 m) Hungarian algorithm with
-    potentials (Kuhn-Munkres, shortest augmenting paths). Returns col[row] for every row."""
-    cost = [list(map(float, row)) for row in cost]
-    n, m = len(cost), len(cost[0])
-    assert n <= m, "transpose the matrix: rows must not outnumber columns"
-    u, v = [0.0] * (n + 1), [0.0] * (m + 1)        # row and column potentials (1-based, index 0 is a sentinel)
-    match, way = [0] * (m + 1), [0] * (m + 1)      # match[j] = row assigned to column j
-    for i in range(1, n + 1):
-        match[0], j0 = i, 0
-        minv, used = [math.inf] * (m + 1), [False] * (m + 1)
-        while match[j0]:                           # grow the alternating tree until a free column is reached
-            used[j0], i0, delta, j1 = True, match[j0], math.inf, 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    reduced = cost[i0 - 1][j - 1] - u[i0] - v[j]
-                    if reduced < minv[j]:
-                        minv[j], way[j] = reduced, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(m + 1):                 # shift potentials so that a new zero-cost edge appears
-                if used[j]:
-                    u[match[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-        while j0:                                  # flip the augmenting path
-            j1 = way[j0]
-            match[j0], j0 = match[j1], j1
-    col = [0] * n
-    for j in range(1, m + 1):
-        if match[j]:
-            col[match[j] - 1] = j - 1
-    return col
-
-
-def contingency(pred, labels):
-    """n[c, k] = number of samples of cluster c with label k, as a float64 tensor."""
-    pred, labels = torch.as_tensor(pred).long(), torch.as_tensor(labels).long()
-    n = torch.zeros(int(pred.max()) + 1, int(labels.max()) + 1, dtype=torch.float64)
-    return n.index_put_((pred, labels), torch.ones(len(pred), dtype=torch.float64), accumulate=True)
-
-
-def cluster_accuracy(pred, labels):
-    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian algorithm); clusters left
-    without a class (more clusters than classes) count as errors."""
-    n = contingency(pred, labels)
-    if n.shape[0] > n.shape[1]:
-        n = torch.cat([n, n.new_zeros(n.shape[0], n.shape[0] - n.shape[1])], 1)
-    col = hungarian((-n).tolist())
-    return float(sum(n[r, c] for r, c in enumerate(col)) / n.sum())
-
-
-def nmi(pred, labels):
-    """Normalised mutual information I(C; K) / ((H(C) + H(K)) / 2), scikit-learn's default 'arithmetic' mean."""
-    p = contingency(pred, labels)
-    p = p / p.sum()
-    pc, pk = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
-    nz = p > 0
-    mi = (p[nz] * (p[nz] / (pc @ pk)[nz]).log()).sum()
-    h = lambda q: -(q[q > 0] * q[q > 0].log()).sum()
-    denom = (h(pc) + h(pk)) / 2
-    return 1.0 if denom == 0 else float(mi / denom)
-
-
-def leaf_purity(pred, labels):
-    """Fraction of samples that carry their leaf's majority label (size-weighted mean of per-leaf purity)."""
-    n = contingency(pred, labels)
-    return float(n.max(1).values.sum() / n.sum())
-
-
-def dendrogram_purity(model, pred, labels):
-    """Dendrogram purity (Heller & Ghahramani 2005): over all pairs of distinct samples with the same label,
-    the mean purity of their lowest common ancestor's subtree (fraction of its samples with that label).
-    Pairs whose LCA is node v with label k: (n_vk^2 - sum_children n_ck^2) / 2 across children, plus
-    n_vk (n_vk - 1) / 2 inside a leaf. Uses the tree walk (reversed: children before parents)."""
-    n_leaf = contingency(pred, labels)
-    n_classes = n_leaf.shape[1]
-    counts = {}                                                  # node -> (n_classes,) samples in its subtree
-    for i in reversed(list(model.walk())):
-        kids = model.child_ids[i]
-        if not kids:
-            k = model.leaves.index(i)
-            counts[i] = n_leaf[k] if k < len(n_leaf) else torch.zeros(n_classes, dtype=torch.float64)
-            pairs = counts[i] * (counts[i] - 1) / 2
-        else:
-            counts[i] = sum(counts[c] for c in kids)
-            pairs = (counts[i] ** 2 - sum(counts[c] ** 2 for c in kids)) / 2
-        purity = counts[i] / counts[i].sum().clamp(min=1)
-        counts[i, "score"] = (pairs * purity).sum()
-    total_pairs = (n_leaf.sum(0) * (n_leaf.sum(0) - 1) / 2).sum()
-    if total_pairs == 0:
-        return float("nan")                                     # no two samples share a label: undefined
-    return float(sum(v for key, v in counts.items() if isinstance(key, tuple)) / total_pairs)
-
-
-def cluster_metrics(model, pred, labels):
-    """The four clustering figures of SPEC 6 plus the tree's size, for metrics.json."""
-    pred, labels = torch.as_tensor(pred).long(), torch.as_tensor(labels).long()
-    return {"nmi": nmi(pred, labels), "acc": cluster_accuracy(pred, labels),
-            "leaf_purity": leaf_purity(pred, labels), "dendrogram_purity": dendrogram_purity(model, pred, labels),
-            "n_leaves": model.n_leaves,
-            "leaf_sizes": torch.bincount(pred, minlength=model.n_leaves).tolist()}

@@ -2,7 +2,14 @@
 
 Papers: Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models" (DDPM); Song, Meng & Ermon 2021,
 "Denoising Diffusion Implicit Models" (DDIM); Nichol & Dhariwal 2021 (cosine schedule, scale-shift norm);
-Pandey et al. 2022, DiffuseVAE (conditioning by concatenation, "Formulation 1"). Settings: SPEC section 5.
+Pandey et al. 2022, DiffuseVAE (conditioning by concatenation, "Formulation 1"). Settings: the ddpm section of the
+authors' configs/mnist.yml (github.com/JoGo175/diffuse-treevae): T 1000, beta 1e-4 -> 0.02, U-Net dim 64,
+dim_mults 1,2,2,2, 2 residual blocks, dropout 0.3, Adam 2e-4 with 5,000 warm-up steps, grad clip 1.0, EMA 0.9999,
+batch 256, 1,000 epochs, the leaf index as the conditioning "latent" (z_dim 1, type form1), no classifier-free
+dropout (cfd_rate 0), 1000-step ancestral sampling with the "fixedlarge" variance. [ours]: data in [-1, 1] (their
+norm flag), DDIM beside the ancestral sampler, a bias-corrected EMA and the predicted x_0 clipped (below).
+Order of this file: configuration, the diffusion process (schedule, loss, samplers), the U-Net, EMA and the
+training step; then, as optional reading, the exact CPU rewrites (UpConv, dropout).
 
 Legend (paper symbol -> code name). Paper time t = 1..T is code index t = 0..T-1 (tensor position).
   beta_t = betas[t]   alpha_t = 1 - beta_t = alphas[t]   alpha_bar_t = prod_{s<=t} alpha_s = alpha_bar[t]
@@ -12,6 +19,7 @@ Legend (paper symbol -> code name). Paper time t = 1..T is code index t = 0..T-1
 
 Forward process (Eq. 4):   q(x_t | x_0) = N(sqrt_alpha_bar * x_0, (1 - alpha_bar) I)          -> q_sample
 Loss (Eq. 14, Alg. 1):     E_{t ~ U, eps ~ N(0,I)} || eps - eps_theta(x_t, t) ||^2           -> Diffusion.loss
+                           (Eq. 12, the bound's eps-form term, with its per-t weight dropped: "L_simple")
 Posterior (Eq. 6-7):       q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I),
                            mu~ = coef_x0 * x_0 + coef_xt * x_t,  beta~ = (1 - alpha_bar_prev)/(1 - alpha_bar) beta
                                                                                             -> Diffusion.posterior
@@ -105,7 +113,7 @@ def ddpm_config(dataset="mnist", preset="paper", n_leaves=0):
         raise DDPMError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     name = dataset.lower().replace("-", "_")
     name = {"fmnist": "fashion_mnist", "cifar": "cifar10", "cifar_10": "cifar10"}.get(name, name)
-    shapes = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32)}   # (channels, size), SPEC 8
+    shapes = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32)}   # (channels, size), as data.DATASETS
     if name not in shapes:
         raise DDPMError(f"unknown data set {dataset!r}; choose one of {sorted(shapes)}")
     C, size = shapes[name]
@@ -180,9 +188,9 @@ class Diffusion:
 
     def loss(self, model, x0, cond=None, leaf=None):
         """Algorithm 1 / Eq. 14: MSE between the noise and its prediction, t ~ Uniform{1..T}. Scalar."""
-        t = torch.randint(0, self.cfg.T, (x0.shape[0],), device=x0.device)      # (B,)
-        noise = torch.randn_like(x0)                                             # (B, C, H, W)
-        eps_pred = model(self.q_sample(x0, t, noise), t, cond, leaf)
+        t = torch.randint(0, self.cfg.T, (x0.shape[0],), device=x0.device)      # (B,)  Alg. 1 line 3
+        noise = torch.randn_like(x0)                                             # (B, C, H, W)  line 4
+        eps_pred = model(self.q_sample(x0, t, noise), t, cond, leaf)             # line 5's eps_theta(x_t, t)
         # Under bf16 autocast the U-Net returns bf16; the loss itself is computed in float32.
         return F.mse_loss(eps_pred.float(), noise.float())
 
@@ -224,14 +232,14 @@ class Diffusion:
             raise DDPMError(f"unknown var_type {var_type!r}; use 'fixed_large' or 'fixed_small'")
         was_training = model.training
         model.eval()                                               # dropout off while sampling
-        for i in reversed(range(self.cfg.T)):
+        for i in reversed(range(self.cfg.T)):                      # Alg. 2 line 2: t = T, ..., 1
             t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)    # (B,)
             eps = model(x, t, cond, leaf).float()
             if clip:   # Ho et al.'s code: x_0 predicted, clipped to the data range, then the posterior mean (Eq. 7)
                 mean, _ = self.posterior(self.predict_x0(x, t, eps).clamp(-1, 1), x, t)
             else:      # Eq. 11: the same mean written with the predicted noise
                 mean = self._extract(self.sqrt_recip_alpha, t, x) * (x - self._extract(self.eps_coef, t, x) * eps)
-            x = mean + self._extract(var, t, x).sqrt() * self._z(x, generator, last=(i == 0))
+            x = mean + self._extract(var, t, x).sqrt() * self._z(x, generator, last=(i == 0))   # line 4
             if progress is not None:
                 progress(self.cfg.T - i, self.cfg.T)
         model.train(was_training)
@@ -284,15 +292,6 @@ def timestep_embedding(t, dim):
     return torch.cat([args.sin(), args.cos()], dim=1)                                     # (B, dim)
 
 
-def dropout(h, p, training):
-    """F.dropout, but on CPU written out: torch's CPU bernoulli_ is ~4x slower than rand_like (measured)."""
-    if not training or p == 0:
-        return h
-    if h.is_cuda:
-        return F.dropout(h, p, True)                                   # one fused kernel on the GPU
-    return h * torch.rand_like(h).ge_(p).div_(1 - p)                   # keep w.p. 1 - p, scale by 1/(1 - p)
-
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice; the embedding (time + leaf) sets the scale and shift of the second norm."""
 
@@ -310,7 +309,7 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))                          # (B, c_out, H, W)
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, c_out, 1, 1) each
         h = F.silu(torch.addcmul(shift, self.norm2(h), 1 + scale))     # norm2(h) (1 + scale) + shift
-        return self.skip(x) + self.conv2(dropout(h, self.p, self.training))
+        return self.skip(x) + self.conv2(dropout(h, self.p, self.training))   # F.dropout (CPU form at the end)
 
 
 class Attention(nn.Module):
@@ -330,36 +329,6 @@ class Attention(nn.Module):
         return x + self.proj(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
 
-class UpConv(nn.Sequential):
-    """Nearest-neighbour x2 upsampling, then a 3x3 conv (Ho et al.): Sequential(Upsample, Conv2d), so parameters
-    and state-dict keys are those of the plain pair. On a CPU it is computed without the upsampled image [ours]:
-    the upsampled rows 2i-1, 2i, 2i+1 are input rows i-1, i, i, so output row 2i (phase a = 0) reads input rows
-    {i-1, i} with kernel rows {k0, k1 + k2}, and row 2i+1 (a = 1) reads {i, i+1} with {k0 + k1, k2}; columns
-    likewise. Each of the 4 output phases (a, b) is then a 2x2 conv of the input: 16 instead of 36 multiply-adds
-    per input pixel and channel pair, 2.25x fewer FLOPs in the up-convs (~14 % of the U-Net's, measured with
-    bench.py's FLOP counter). Same linear map, equal to float32 rounding (tests). Off the CPU and under
-    torch.compile the plain pair runs: there the four convs and the interleave would add kernels, unmeasured."""
-
-    def __init__(self, c):
-        super().__init__(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
-
-    @staticmethod
-    def fold(w, a, dim):
-        """The 3 taps of w along `dim` summed into the 2 that phase a reads."""
-        k0, k1, k2 = w.unbind(dim)
-        return torch.stack([k0, k1 + k2] if a == 0 else [k0 + k1, k2], dim)
-
-    def forward(self, x):                                              # x (B, C, H, W) -> (B, C, 2H, 2W)
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().forward(x)
-        conv, (B, C, H, W) = self[1], x.shape
-        pad = ((1, 0), (0, 1))         # phase 0 reads rows (i-1, i): a zero row above; phase 1 (i, i+1): below
-        y = [[F.conv2d(F.pad(x, pad[b] + pad[a]), self.fold(self.fold(conv.weight, a, 2), b, 3), conv.bias)
-              .permute(0, 2, 3, 1) for b in (0, 1)] for a in (0, 1)]     # y[a][b] (B, H, W, C): pixels (2i+a, 2j+b)
-        y = torch.stack([torch.stack(row, 3) for row in y], 2)           # (B, H, 2, W, 2, C)
-        return y.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)            # NCHW shape, NHWC memory
-
-
 class UNet(nn.Module):
     """eps_theta(x_t, t, x_hat, l): the DDPM U-Net (Ho et al. appendix B) with DiffuseVAE conditioning."""
 
@@ -368,7 +337,8 @@ class UNet(nn.Module):
         self.cfg, ch, C = cfg, cfg.base_channels, cfg.image_channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # Leaf l -> learned vector -> MLP, added to the time embedding (SPEC 5); no leaf input when n_leaves = 0.
+        # Leaf l -> learned vector -> MLP, added to the time embedding (the authors' z_cond with z_dim 1: the leaf
+        # index is the conditioning signal); no leaf input when n_leaves = 0.
         self.leaf_mlp = nn.Sequential(nn.Embedding(cfg.n_leaves, ch), nn.Linear(ch, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim)) if cfg.n_leaves > 0 else None
         # DiffuseVAE Formulation 1: x_hat enters as C extra input channels.
@@ -392,7 +362,7 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), ch * m, emb_dim, cfg.dropout))
                 c = ch * m
             if i > 0:
-                self.up.append(UpConv(c))                                      # double H, W
+                self.up.append(UpConv(c))             # double H, W: upsample + conv3x3 (CPU rewrite at the end)
         self.norm_out, self.conv_out = norm(c), nn.Conv2d(c, C, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)          # zero output: eps_theta = 0 at start, a calm first loss
         nn.init.zeros_(self.conv_out.bias)
@@ -481,3 +451,53 @@ def train_step(model, ema, diffusion, opt, x0, cond, leaf, cfg, step):
     opt.step()
     ema.update(model, step)
     return loss.detach()
+
+
+# ================================================================================================================
+# OPTIONAL READING: exact CPU rewrites. Nothing above needs them to be understood; each computes what the plain
+# layers compute (same parameters and state-dict keys; tests/test_ddpm.py and tests/test_fast_paths.py compare them)
+# and runs only on a CPU. On a GPU and under torch.compile the plain layers run.
+#   UpConv   nearest x2 upsampling + 3x3 conv as four 2x2 convs of the low-resolution input (each output phase reads
+#            two input rows with summed kernel taps): 2.25x fewer FLOPs in the up-convs; the 16 -> 32 px one,
+#            forward + backward at batch 32 on a CPU, 142 -> 88 ms.
+#   dropout  F.dropout as a uniform draw and a compare: torch's CPU bernoulli_ is ~4x slower than rand_like.
+# The U-Net picks them in UNet.__init__ (UpConv) and ResBlock.forward (dropout).
+# ================================================================================================================
+
+class UpConv(nn.Sequential):
+    """Nearest-neighbour x2 upsampling, then a 3x3 conv (Ho et al.): Sequential(Upsample, Conv2d), so parameters
+    and state-dict keys are those of the plain pair. On a CPU it is computed without the upsampled image [ours]:
+    the upsampled rows 2i-1, 2i, 2i+1 are input rows i-1, i, i, so output row 2i (phase a = 0) reads input rows
+    {i-1, i} with kernel rows {k0, k1 + k2}, and row 2i+1 (a = 1) reads {i, i+1} with {k0 + k1, k2}; columns
+    likewise. Each of the 4 output phases (a, b) is then a 2x2 conv of the input: 16 instead of 36 multiply-adds
+    per input pixel and channel pair, 2.25x fewer FLOPs in the up-convs (~14 % of the U-Net's, measured with
+    bench.py's FLOP counter). Same linear map, equal to float32 rounding (tests). Off the CPU and under
+    torch.compile the plain pair runs: there the four convs and the interleave would add kernels, unmeasured."""
+
+    def __init__(self, c):
+        super().__init__(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+
+    @staticmethod
+    def fold(w, a, dim):
+        """The 3 taps of w along `dim` summed into the 2 that phase a reads."""
+        k0, k1, k2 = w.unbind(dim)
+        return torch.stack([k0, k1 + k2] if a == 0 else [k0 + k1, k2], dim)
+
+    def forward(self, x):                                              # x (B, C, H, W) -> (B, C, 2H, 2W)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)
+        conv, (B, C, H, W) = self[1], x.shape
+        pad = ((1, 0), (0, 1))         # phase 0 reads rows (i-1, i): a zero row above; phase 1 (i, i+1): below
+        y = [[F.conv2d(F.pad(x, pad[b] + pad[a]), self.fold(self.fold(conv.weight, a, 2), b, 3), conv.bias)
+              .permute(0, 2, 3, 1) for b in (0, 1)] for a in (0, 1)]     # y[a][b] (B, H, W, C): pixels (2i+a, 2j+b)
+        y = torch.stack([torch.stack(row, 3) for row in y], 2)           # (B, H, 2, W, 2, C)
+        return y.view(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)            # NCHW shape, NHWC memory
+
+
+def dropout(h, p, training):
+    """F.dropout, but on CPU written out: torch's CPU bernoulli_ is ~4x slower than rand_like (measured)."""
+    if not training or p == 0:
+        return h
+    if h.is_cuda:
+        return F.dropout(h, p, True)                                   # one fused kernel on the GPU
+    return h * torch.rand_like(h).ge_(p).div_(1 - p)                   # keep w.p. 1 - p, scale by 1/(1 - p)

@@ -20,7 +20,7 @@ import torch
 import data
 import ddpm
 import treevae
-from train import TrainStep, grown_tree, plan, setup_device, timed
+from train import TrainStep, grown_tree, plan, timed
 
 
 def report(name, device, batch, t, args, dtype="fp32", unit="img/s", work=None, **extra):
@@ -205,7 +205,7 @@ def main(argv=None):
                              f"choose from {','.join(FIGURES)}")
     if args.threads:
         torch.set_num_threads(args.threads)          # before any work
-    device, autocast = setup_device(args.device, args.precision)
+    device, autocast = data.setup_device(args.device, args.precision)
     cuda = device.type == "cuda"
     args.dtype = "bf16-autocast" if args.precision == "bf16" or (cuda and args.precision == "auto") else "fp32"
     args.ddpm_batch = args.ddpm_batch or (256 if cuda else 32)

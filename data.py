@@ -90,18 +90,6 @@ DATASETS = {
 _ALIASES = {"fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist", "cifar-10": "cifar10"}
 
 
-def device(name):
-    """The torch.device for --device auto | cpu | cuda[:N] | mps, or a one-line DataError (every script's check;
-    the data set lives there: Batches)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise DataError(f"unknown device {name!r}: use auto, cpu, cuda (or cuda:N) or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
-    return torch.device(name)
-
-
 def canonical_name(name):
     """'mnist' | 'fashion_mnist' | 'cifar10' for a data set name or alias (case-insensitive)."""
     key = str(name).strip().lower()
@@ -116,6 +104,43 @@ def describe(name):
     """What a model needs to know about a data set: channels, image size, classes, likelihood hint."""
     spec = DATASETS[canonical_name(name)]
     return {k: spec[k] for k in ("channels", "size", "n_classes", "likelihood")}
+
+
+# ----------------------------------------------------------------------------- hardware
+# The one place that knows about devices and precision: every script calls these, so a bad --device or
+# --precision is the same one-line error everywhere, and the models never ask where they run.
+def device(name):
+    """The torch.device for --device auto | cpu | cuda[:N] | mps, or a one-line DataError (every script's check;
+    the data set lives there: Batches)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise DataError(f"unknown device {name!r}: use auto, cpu, cuda (or cuda:N) or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def setup_device(name, precision="auto"):
+    """(device, autocast) for train.py, sample.py and bench.py: autocast() is the context the models run in.
+    bf16 autocast keeps the weights, the optimiser and every loss in float32 (the models cast their outputs up
+    before a loss); only matmuls and convs run in bf16. On a CPU with bf16 units (AVX512-BF16 / AMX) it speeds up
+    the U-Net too; fp32 is the default there."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise DataError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
+    dev = device(name)
+    if dev.type == "cuda":
+        # TF32 (10-bit mantissa) for the float32 matmuls and convs that bf16 autocast leaves (as in the measured GPU
+        # runs); `--precision fp32` asks for float32, so there none.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN time its algorithms once per shape
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    if bf16 and dev.type not in ("cuda", "cpu"):
+        raise DataError(f"bf16 autocast is not supported on {dev.type}: use --precision fp32")
+    # cache_enabled=False: a cached bf16 weight copy would go stale inside a replayed CUDA graph
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False)) if bf16 \
+        else contextlib.nullcontext
+    return dev, autocast
 
 
 # ----------------------------------------------------------------------------- loading
@@ -759,3 +784,11 @@ def overrides(args, cls, prefix=""):
         if v is not None:
             out[f.name] = tuple(v) if isinstance(f.default, tuple) else v
     return out
+
+
+def train_command(run, *extra):
+    """A run folder's train.py command line (run: train.RunConfig or anything with dataset, preset, out, data_dir),
+    for the remedies of error messages; shared by train.py and sample.py."""
+    data_dir = f" --data-dir {run.data_dir}" if run.data_dir != "data" else ""
+    return " ".join([f"python train.py --dataset {run.dataset} --preset {run.preset} --out {run.out}{data_dir}",
+                     *extra])

@@ -46,7 +46,6 @@ import torch
 
 import data
 import ddpm
-import train
 import treevae
 from data import setting
 
@@ -107,6 +106,22 @@ def _guess_dataset(run_dir):
     return name if name in data.DATASETS else "mnist"
 
 
+def stage2_mismatch(d, tv, tv_path):
+    """Why the ddpm.pt dict d does not belong to the TreeVAE tv read from tv_path (None: there is none), as the
+    end of a sentence that starts with ddpm.pt's path; "" when d was trained on exactly these weights. Shared with
+    train.py (--resume): a DDPM is conditioned on its tree's leaf images, so it is only valid with that tree."""
+    if d.get("version") != treevae.VERSION:                   # train_ddpm stamps ddpm.pt with treevae.VERSION
+        return (f"comes from an incompatible version of this code (checkpoint version {d.get('version')}, this "
+                f"code reads {treevae.VERSION})")
+    if tv is None:
+        return f"was trained on a stage 1 that is gone ({tv_path} is missing)"
+    if d.get("n_leaves") != tv.n_leaves:                      # stage 1 retrained after stage 2
+        return f"was trained on a tree with {d.get('n_leaves')} leaves but {tv_path} has {tv.n_leaves}"
+    if d.get("treevae_id") != data.fingerprint(tv.state_dict()):     # same leaf count, other weights
+        return f"was trained on other stage-1 weights than {tv_path} (retrained or changed since?)"
+    return ""
+
+
 def load_run(run_dir, device="cpu"):
     """Models of a run folder: the TreeVAE (must have finished stage 1) and, if ddpm.pt is usable, the EMA U-Net
     (ddpm.py: sample with the EMA weights) with its Diffusion. Problems with stage 1 raise SampleError; a
@@ -121,7 +136,7 @@ def load_run(run_dir, device="cpu"):
     info = ckpt.get("run") or {}                        # train.py's RunConfig, saved in the checkpoint
     dataset, data_dir = info.get("dataset", _guess_dataset(run_dir)), info.get("data_dir", "data")
     preset = ddpm_preset = info.get("preset", "paper")
-    cmd = train.command(SimpleNamespace(dataset=dataset, preset=preset, out=run_dir, data_dir=data_dir))
+    cmd = data.train_command(SimpleNamespace(dataset=dataset, preset=preset, out=run_dir, data_dir=data_dir))
     if ckpt.get("version") != treevae.VERSION:
         raise SampleError(f"{tv_path} comes from an incompatible version of this code (checkpoint version "
                           f"{ckpt.get('version')}, this code reads {treevae.VERSION}): retrain with {cmd} "
@@ -142,7 +157,7 @@ def load_run(run_dir, device="cpu"):
             d = data.read_checkpoint(dm_path, redo, finite=("ema",))
         except data.DataError as e:
             problem = str(e)
-        mismatch = train.stage2_mismatch(d, tv, tv_path) if d is not None else ""
+        mismatch = stage2_mismatch(d, tv, tv_path) if d is not None else ""
         if mismatch:                                 # trained on another tree (or by another version)
             problem = f"{dm_path} {mismatch}: {redo}"
         elif d is not None:
@@ -549,7 +564,7 @@ def run(cfg):
         raise SampleError("--tree shows every leaf: drop --leaf, --recons and --all-leaves, or drop --tree")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)                      # --threads: before any work
-    device, _ = train.setup_device(cfg.device)                  # the one hardware block lives in train.py
+    device, _ = data.setup_device(cfg.device)                   # the one hardware block, shared with train.py
     torch.manual_seed(cfg.seed)
     m = load_run(cfg.run, device)
     L = m.tv.n_leaves

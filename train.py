@@ -32,13 +32,13 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 import data
 import ddpm
+import sample
 import treevae
 from data import setting
 
@@ -130,29 +130,6 @@ def parse_args(argv=None):
     ddpm_overrides = data.overrides(args, ddpm.DDPMConfig, "ddpm-")
     ddpm.check(dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset), **ddpm_overrides))
     return run, tv_cfg, ddpm_overrides
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hardware: the one place that knows about devices and precision.
-
-def setup_device(name, precision="auto"):
-    """(device, autocast): autocast() is the context the models run in. bf16 autocast keeps the weights, the
-    optimiser and every loss in float32 (the models cast their outputs up before a loss); only matmuls and convs
-    run in bf16. On a CPU with bf16 units (AVX512-BF16 / AMX) it speeds up the U-Net too; fp32 is the default there."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise data.DataError(f"unknown precision {precision!r}: use auto, bf16 or fp32")
-    device = data.device(name)
-    if device.type == "cuda":
-        # TF32 (10-bit mantissa) for the float32 matmuls and convs that bf16 autocast leaves (as in the measured GPU
-        # runs); `--precision fp32` asks for float32, so there none.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-        torch.backends.cudnn.benchmark = True      # fixed shapes: let cuDNN time its algorithms once per shape
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if bf16 and device.type not in ("cuda", "cpu"):
-        raise data.DataError(f"bf16 autocast is not supported on {device.type}: use --precision fp32")
-    # cache_enabled=False: a cached bf16 weight copy would go stale inside a replayed CUDA graph
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) if bf16 else nullcontext
-    return device, autocast
 
 
 def save_atomic(obj, path):
@@ -763,13 +740,6 @@ def fit_restarts(run, argv):
     return {"chosen": best["restart"], "runs": results}
 
 
-def command(run, *extra):
-    """This run folder's train.py command line, for the remedies of error messages."""
-    data_dir = f" --data-dir {run.data_dir}" if run.data_dir != "data" else ""
-    return " ".join([f"python train.py --dataset {run.dataset} --preset {run.preset} --out {run.out}{data_dir}",
-                     *extra])
-
-
 def refuse_overwrite(run, tv_path, ddpm_path):
     """A fresh call (no --resume) never silently replaces a run: the checkpoints it would write over (and, for
     stage 1, a ddpm.pt that the new tree would leave stale) stop it with the remedies, unless --overwrite. Called
@@ -789,7 +759,7 @@ def refuse_overwrite(run, tv_path, ddpm_path):
 
 def read_treevae(run, path):
     """treevae.pt as saved (tensors on the CPU), or a one-line error: unreadable, NaN/inf weights, other version."""
-    afresh = f"train stage 1 afresh with {command(run, '--stage treevae --overwrite')}"
+    afresh = f"train stage 1 afresh with {data.train_command(run, '--stage treevae --overwrite')}"
     ckpt = data.read_checkpoint(path, f"put back a good copy, or {afresh}", finite=("state_dict",))
     if ckpt.get("version") != treevae.VERSION:
         raise data.DataError(f"{path} comes from an incompatible version of this code (checkpoint version "
@@ -797,31 +767,15 @@ def read_treevae(run, path):
     return ckpt
 
 
-def stage2_mismatch(d, tv, tv_path):
-    """Why the ddpm.pt dict d does not belong to the TreeVAE tv read from tv_path (None: there is none), as the
-    end of a sentence that starts with ddpm.pt's path; "" when d was trained on exactly these weights. Shared with
-    sample.py: a DDPM is conditioned on its tree's leaf images, so it is only valid with that tree."""
-    if d.get("version") != treevae.VERSION:                   # train_ddpm stamps ddpm.pt with treevae.VERSION
-        return (f"comes from an incompatible version of this code (checkpoint version {d.get('version')}, this "
-                f"code reads {treevae.VERSION})")
-    if tv is None:
-        return f"was trained on a stage 1 that is gone ({tv_path} is missing)"
-    if d.get("n_leaves") != tv.n_leaves:                      # stage 1 retrained after stage 2
-        return f"was trained on a tree with {d.get('n_leaves')} leaves but {tv_path} has {tv.n_leaves}"
-    if d.get("treevae_id") != data.fingerprint(tv.state_dict()):     # same leaf count, other weights
-        return f"was trained on other stage-1 weights than {tv_path} (retrained or changed since?)"
-    return ""
-
-
 def read_ddpm(run, path, tv_ckpt, tv_path):
     """ddpm.pt to continue on the tree of tv_ckpt, or a one-line error: unreadable, NaN/inf weights, or trained on
     another tree (resuming it would stamp the old DDPM with the new tree's fingerprint)."""
     afresh = f"to train stage 2 afresh on this tree, move {path} away or run " + \
-        command(run, "--stage ddpm --overwrite")
+        data.train_command(run, "--stage ddpm --overwrite")
     ckpt = data.read_checkpoint(path, f"put back a good copy; {afresh}", finite=("model", "ema"))
     with torch.random.fork_rng(devices=[]):                  # building the tree must not move the seeded RNG
         tv = treevae.TreeVAE.from_checkpoint(tv_ckpt) if tv_ckpt is not None else None
-    problem = stage2_mismatch(ckpt, tv, tv_path)
+    problem = sample.stage2_mismatch(ckpt, tv, tv_path)
     if problem:
         raise data.DataError(f"{path} {problem}, so it cannot be resumed on this tree; {afresh}")
     return ckpt
@@ -831,9 +785,10 @@ def finished_stage1(run, tv_path, tv_ckpt):
     """tv_ckpt (loaded from tv_path, None if absent) if it is the finished stage 1 that stage 2 and the figures
     need, else a one-line error saying how to make it."""
     if tv_ckpt is None:
-        raise data.DataError(f"no {tv_path}: train stage 1 first ({command(run, '--stage treevae')})")
+        raise data.DataError(f"no {tv_path}: train stage 1 first ({data.train_command(run, '--stage treevae')})")
     if tv_ckpt["state"]["phase"] != "done":
-        raise data.DataError(f"{tv_path} is an unfinished stage 1: run {command(run, '--stage treevae --resume')}")
+        raise data.DataError(f"{tv_path} is an unfinished stage 1: run "
+                             f"{data.train_command(run, '--stage treevae --resume')}")
     return tv_ckpt
 
 
@@ -879,7 +834,7 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
     tv_path, ddpm_path, metrics_path = (os.path.join(run.out, f) for f in ("treevae.pt", "ddpm.pt", "metrics.json"))
     refuse_overwrite(run, tv_path, ddpm_path)          # before anything is read or trained
     torch.manual_seed(run.seed)
-    device, autocast = setup_device(run.device, run.precision)
+    device, autocast = data.setup_device(run.device, run.precision)
     images, labels = data.load(run.dataset, "train", run.data_dir)
     test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
     # What this call continues from, read and checked before any training or timing: a damaged file, NaN weights
@@ -950,7 +905,7 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
             dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items() if k.startswith("ddim_")})
         print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
         train_ddpm(run, dcfg, tv, device, autocast, images[train_idx], dm_ckpt)
-    import sample                                                  # figures: tree.png and sample grids
+    # The figures (tree.png and the sample grids) and the FID come from sample.py.
     # DDIM steps and eta: those saved in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults
     sample.make_figures(run.out, device=device, metrics=metrics, sampler=run.sampler)
     if run.fid_samples:

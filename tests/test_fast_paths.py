@@ -256,7 +256,7 @@ def test_ddpm_loss_bf16_autocast_matches_fp32():
 
 def test_treevae_loss_terms_bf16_autocast_match_fp32():
     """The TreeVAE loss terms (posterior means: sample=False, train mode as in training) under CPU bf16 autocast
-    agree with float32 and are each float32, so the loss and the optimiser stay float32 (train.setup_device).
+    agree with float32 and are each float32, so the loss and the optimiser stay float32 (data.setup_device).
     rec, kl_root, kl_nodes: rtol 2e-2 (bf16 unit roundoff 3.9e-3, a few roundoffs through the encoder's and
     bottom-up chain's ~12 layers; measured <2e-3 over 8 seeds).
     kl_decisions is different: a KL between two Bernoullis with nearby logits is ~q(1-q)(l_q - l_p)^2 / 2, a

@@ -5,6 +5,7 @@ import dataclasses
 
 import torch
 
+import data
 import ddpm
 import train
 import treevae
@@ -46,7 +47,7 @@ def test_plan_says_it_is_measuring_and_warns_on_contradictions(monkeypatch, caps
     monkeypatch.setattr(train, "timed", lambda *a, **k: next(times))
     cfg = treevae.treevae_config("mnist", "smoke")
     dcfg = ddpm.ddpm_config("mnist", "smoke", cfg.max_leaves)
-    phases = train.plan(cfg, dcfg, 300, torch.device("cpu"), train.setup_device("cpu")[1])
+    phases = train.plan(cfg, dcfg, 300, torch.device("cpu"), data.setup_device("cpu")[1])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("planning: timing a few TreeVAE and DDPM steps on cpu"), lines
     assert lines[1].startswith("plan: init") and set(phases) >= {"init", "ddpm", "figures"}

@@ -1,4 +1,4 @@
-"""FID done right: the number that judges the generations (SPEC section 7).
+"""FID done right: the number that judges the generations (Heusel et al. 2017).
 
 The Frechet distance between two Gaussians fitted to image features (Heusel et al. 2017, Eq. 6; the
 2-Wasserstein distance of Dowson & Landau 1982), real features (mu1, sigma1), generated ones (mu2, sigma2):
@@ -703,7 +703,86 @@ def parser():
     return p
 
 
+def _score_feature_files(a):
+    """--gen-feats / --ref-feats: (feats_gen, feats_ref, result) of two saved feature files; no extractor runs, so
+    the files must come from one extractor (--save-feats records it)."""
+    if not (a.gen_feats and a.ref_feats):
+        raise FIDError("--gen-feats and --ref-feats go together (features of one extractor)")
+    (feats_gen, gen), (feats_ref, ref) = (_load_npz(f, "features") for f in (a.gen_feats, a.ref_feats))
+    feats_gen = feats_gen[:a.n]
+    names = [str(f.get("extractor", "")) for f in (gen, ref)]      # written by --save-feats
+    if all(names) and names[0] != names[1]:
+        raise FIDError(f"{a.gen_feats} and {a.ref_feats} come from different extractors ({names[0]}; "
+                       f"{names[1]}): a FID compares features of one extractor, extract both again with it")
+    res = bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device)
+    res.update(ref_name=a.ref_feats, extractor=f"features from {a.gen_feats}")
+    return feats_gen, feats_ref, res
+
+
+def _real_vs_real(a, name):
+    """--real-vs-real, the floor: N random train images against the test split, or (--split train) against the
+    next N train images, disjoint from the first. Returns (images_gen, gen_name, images_ref)."""
+    if not name:
+        raise FIDError("--real-vs-real needs --dataset")
+    x_train, _ = data.load(name, "train", a.root)
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(a.seed))
+    images_ref = data.load(name, "test", a.root)[0] if a.split == "test" else None
+    n = a.n or (len(images_ref) if images_ref is not None else len(x_train) // 2)
+    images_gen = x_train[perm[:n]]
+    if images_ref is None:                      # train vs train: the next n, disjoint from the first
+        images_ref = x_train[perm[n:2 * n]]
+    return images_gen, f"{name} train, random {n}", images_ref
+
+
+def _generated(a, name):
+    """--run / --gen: (images_gen, gen_name, images_ref) from the .npz of generated images and the reference
+    (--ref's file, else --dataset's --split). A run's samples.npz must come from the run's current checkpoints."""
+    gen_path = os.path.join(a.run, "samples.npz") if a.run else a.gen
+    if a.run and not os.path.exists(gen_path):
+        raise FIDError(f"{gen_path} not found: train.py writes it with a run's figures; score other "
+                       f"samples with --gen FILE.npz (sample.py writes one beside each picture)")
+    images_gen, arrays = _load_npz(gen_path, "images")
+    if a.run:
+        _check_run_samples(a.run, gen_path, arrays)
+    if a.ref:
+        images_ref = _load_npz(a.ref, "images")[0]
+    elif name:
+        images_ref = data.load(name, a.split, a.root)[0]
+    else:
+        raise FIDError("no reference: give --ref FILE.npz or --dataset NAME (with --split)")
+    return images_gen[:a.n], gen_path, images_ref
+
+
+def _score_images(a, log):
+    """--run / --gen / --real-vs-real: (feats_gen, feats_ref, result) through the chosen extractor, each side's
+    feature time logged (extraction dominates a CPU run: Inception at 299 x 299)."""
+    trained = run_data(a.run) if a.run else {}       # the run knows its data set and data folder
+    dataset = a.dataset or trained.get("dataset")
+    name = data.canonical_name(dataset) if dataset else None
+    a.root = a.root or trained.get("data_dir") or "data"
+    images_gen, gen_name, images_ref = _real_vs_real(a, name) if a.real_vs_real else _generated(a, name)
+    ref_name = a.ref or f"{name} {a.split}" + (" (disjoint)" if a.real_vs_real and a.split == "train" else "")
+    if a.extractor == "offline":
+        if not name:
+            raise FIDError("the offline extractor is trained per data set: give --dataset")
+        extractor = offline_extractor(name, a.root, a.cache_dir, device=a.device, log=log)
+    else:
+        extractor = load_inception("torchvision" if a.extractor == "inception" else "tf-fid", a.device)
+    feats = []
+    for what, images in ((gen_name, images_gen), (ref_name, images_ref)):     # timed separately
+        t0, c0 = time.perf_counter(), time.process_time()
+        feats.append(extract_features(extractor, images, a.batch_size))      # (N, D)
+        log(f"features of {len(images)} images ({what}): {time.perf_counter() - t0:.1f} s wall, "
+            f"{time.process_time() - c0:.1f} s CPU")
+    feats_gen, feats_ref = feats
+    res = dict(bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device), extractor=extractor.name,
+               ref_name=ref_name)
+    return feats_gen, feats_ref, res
+
+
 def main(argv=None):
+    """fid.py's command line: exactly one source of generated images or features, one result line on stdout
+    (progress and warnings on stderr); a user error is one `error: ...` line and exit code 2."""
     log = lambda msg: print(msg, file=sys.stderr)
     warnings.showwarning = lambda msg, *args, **kw: log(f"warning: {msg}")
     try:
@@ -714,63 +793,9 @@ def main(argv=None):
         if sum(bool(s) for s in (a.run, a.gen, a.gen_feats, a.real_vs_real)) != 1:
             raise FIDError("give exactly one of --run, --gen, --gen-feats, --real-vs-real (see --help)")
         if a.gen_feats or a.ref_feats:                   # features given: no extractor involved
-            if not (a.gen_feats and a.ref_feats):
-                raise FIDError("--gen-feats and --ref-feats go together (features of one extractor)")
-            (feats_gen, gen), (feats_ref, ref) = (_load_npz(f, "features") for f in (a.gen_feats, a.ref_feats))
-            feats_gen = feats_gen[:a.n]
-            names = [str(f.get("extractor", "")) for f in (gen, ref)]      # written by --save-feats
-            if all(names) and names[0] != names[1]:
-                raise FIDError(f"{a.gen_feats} and {a.ref_feats} come from different extractors ({names[0]}; "
-                               f"{names[1]}): a FID compares features of one extractor, extract both again with it")
-            res = bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device)
-            res.update(ref_name=a.ref_feats, extractor=f"features from {a.gen_feats}")
+            feats_gen, feats_ref, res = _score_feature_files(a)
         else:
-            trained = run_data(a.run) if a.run else {}       # the run knows its data set and data folder
-            dataset = a.dataset or trained.get("dataset")
-            name = data.canonical_name(dataset) if dataset else None
-            a.root = a.root or trained.get("data_dir") or "data"
-            if a.real_vs_real:                          # two disjoint real samples
-                if not name:
-                    raise FIDError("--real-vs-real needs --dataset")
-                x_train, _ = data.load(name, "train", a.root)
-                perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(a.seed))
-                images_ref = data.load(name, "test", a.root)[0] if a.split == "test" else None
-                n = a.n or (len(images_ref) if images_ref is not None else len(x_train) // 2)
-                images_gen = x_train[perm[:n]]
-                if images_ref is None:                  # train vs train: the next n, disjoint from the first
-                    images_ref = x_train[perm[n:2 * n]]
-                gen_name = f"{name} train, random {n}"
-            else:
-                gen_path = os.path.join(a.run, "samples.npz") if a.run else a.gen
-                if a.run and not os.path.exists(gen_path):
-                    raise FIDError(f"{gen_path} not found: train.py writes it with a run's figures; score other "
-                                   f"samples with --gen FILE.npz (sample.py writes one beside each picture)")
-                images_gen, arrays = _load_npz(gen_path, "images")
-                images_gen, gen_name = images_gen[:a.n], gen_path
-                if a.run:
-                    _check_run_samples(a.run, gen_path, arrays)
-                if a.ref:
-                    images_ref = _load_npz(a.ref, "images")[0]
-                elif name:
-                    images_ref = data.load(name, a.split, a.root)[0]
-                else:
-                    raise FIDError("no reference: give --ref FILE.npz or --dataset NAME (with --split)")
-            ref_name = a.ref or f"{name} {a.split}" + (" (disjoint)" if a.real_vs_real and a.split == "train" else "")
-            if a.extractor == "offline":
-                if not name:
-                    raise FIDError("the offline extractor is trained per data set: give --dataset")
-                extractor = offline_extractor(name, a.root, a.cache_dir, device=a.device, log=log)
-            else:
-                extractor = load_inception("torchvision" if a.extractor == "inception" else "tf-fid", a.device)
-            feats = []
-            for what, images in ((gen_name, images_gen), (ref_name, images_ref)):     # timed separately
-                t0, c0 = time.perf_counter(), time.process_time()
-                feats.append(extract_features(extractor, images, a.batch_size))      # (N, D)
-                log(f"features of {len(images)} images ({what}): {time.perf_counter() - t0:.1f} s wall, "
-                    f"{time.process_time() - c0:.1f} s CPU")
-            feats_gen, feats_ref = feats
-            res = dict(bootstrap_fid(feats_ref, feats_gen, a.n_boot, a.seed, device=a.device), extractor=extractor.name,
-                       ref_name=ref_name)
+            feats_gen, feats_ref, res = _score_images(a, log)
         if a.fid_inf:
             res["fid_inf"] = fid_infinity(feats_ref, feats_gen, seed=a.seed, device=a.device)
         if a.save_feats:                                 # with the extractor's name: --gen-feats checks it

@@ -60,8 +60,8 @@ _CIFAR_MEMBERS = {"train": [f"cifar-10-batches-bin/data_batch_{i}.bin" for i in 
                   "test": ["cifar-10-batches-bin/test_batch.bin"]}
 _CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte + R, G, B planes
 
-# likelihood: the TreeVAE decoder's output distribution (SPEC section 2: Bernoulli for the grey MNISTs, Gaussian
-# for CIFAR-10). Mirrors are base URLs, tried in order; tests point them at file:// folders.
+# likelihood: the TreeVAE decoder's output distribution (the authors' configs: a sigmoid output with BCE for the grey
+# MNISTs, a linear output with the summed squared error, 'mse', for CIFAR-10). Mirrors are base URLs, tried in order; tests point them at file:// folders.
 DATASETS = {
     "mnist": dict(
         channels=1, size=28, n_classes=10, likelihood="bernoulli", folder="mnist", files=_IDX_FILES,
@@ -559,21 +559,34 @@ class Batches:
 
 # ----------------------------------------------------------------------------- augmentations
 def augment(x, generator=None):
-    """A SimCLR view (Chen et al. 2020; SPEC section 2) of each image: x float (B, C, H, W) in [0, 1] ->
+    """A SimCLR view (Chen et al. 2020) of each image, the augmentation of TreeVAE's contrastive CIFAR-10 training
+    (the authors' cifar10.yml, augmentation_method 'InfoNCE,instancewise_full'): x float (B, C, H, W) in [0, 1] ->
     the same shape and range.
 
-    torchvision's CIFAR recipe, as used for TreeVAE's contrastive CIFAR-10 training, batched on x's device
-    with per-sample parameters: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3), HorizontalFlip(0.5),
-    ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, Grayscale with p 0.2. One-channel input skips the colour
-    operations that need three channels. Random numbers come from `generator` (else the global RNG)."""
+    torchvision's CIFAR recipe, as the authors use it, batched on x's device with per-sample parameters:
+    RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3), HorizontalFlip(0.5), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8,
+    Grayscale with p 0.2. One-channel input skips the colour operations that need three channels. Random numbers
+    come from `generator` (else the global RNG), drawn in a fixed order: crop, flip, jitter, grayscale."""
     if x.dim() != 4 or not x.is_floating_point():
         raise TypeError(f"augment expects float images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
-    B, C, H, W = x.shape
+    B = x.shape[0]
     gen_device = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(lo, hi, *shape):  # drawn where the generator lives, then moved to the images
         return lo + (hi - lo) * torch.rand(shape or (B,), generator=generator, device=gen_device).to(x.device)
 
+    x = _crop_and_flip(x, uniform)
+    x = _colour_jitter(x, uniform)
+    # 4. Grayscale with p 0.2 (three channels only): the luma replaces every channel.
+    grey = uniform(0, 1) < 0.2
+    if x.shape[1] == 3:
+        x = torch.where(grey.view(B, 1, 1, 1), _luma(x).expand_as(x), x)
+    return x.clamp(0, 1)
+
+
+def _crop_and_flip(x, uniform):
+    """Steps 1-2 of augment: a random resized crop with a random horizontal flip, one bilinear resampling."""
+    B, C, H, W = x.shape
     # 1. Random resized crop. torchvision draws up to 10 (area, ratio) pairs and keeps the first that fits
     #    in the image, else takes the whole image; we draw the 10 candidates for every sample at once.
     area = H * W * uniform(0.2, 1.0, B, 10)  # (B, 10) pixels^2
@@ -593,10 +606,14 @@ def augment(x, generator=None):
     theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
     grid = F.affine_grid(theta.to(x.dtype), (B, C, H, W), align_corners=False)  # (B, H, W, 2)
     # Bilinear weights are convex, so the result stays in [0, 1]; crops only magnify (no antialiasing needed).
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    # 3. Colour jitter with p 0.8: factors as torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1); samples left
-    #    alone get the identity factors (1, 1, 1, 0). The four operations run in a random order per sample.
+
+def _colour_jitter(x, uniform):
+    """Step 3 of augment: torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, its four operations in a random
+    order per sample; grey images get brightness and contrast only."""
+    B, C = x.shape[:2]
+    # Samples left alone get the identity factors (1, 1, 1, 0).
     jitter = uniform(0, 1) < 0.8
     factors = [torch.where(jitter, uniform(0.6, 1.4), 1.0) for _ in range(3)]  # brightness, contrast, sat.
     factors.append(torch.where(jitter, uniform(-0.1, 0.1), 0.0))  # hue shift, in turns of the colour wheel
@@ -612,12 +629,7 @@ def augment(x, generator=None):
         for k, op in enumerate(ops):
             # torch.where computes the op for the whole batch: no host sync; 32x32 images are cheap.
             x = torch.where((order[:, step] == k).view(B, 1, 1, 1), op(x, factors[k]), x)
-
-    # 4. Grayscale with p 0.2 (three channels only): the luma replaces every channel.
-    grey = uniform(0, 1) < 0.2
-    if C == 3:
-        x = torch.where(grey.view(B, 1, 1, 1), _luma(x).expand_as(x), x)
-    return x.clamp(0, 1)
+    return x
 
 
 def _luma(x):  # (B, 3, H, W) -> (B, 1, H, W); ITU-R 601 weights, as torchvision's rgb_to_grayscale

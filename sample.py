@@ -135,7 +135,7 @@ def load_run(run_dir, device="cpu"):
     ckpt = data.read_checkpoint(tv_path, f"retrain with {make} --overwrite", finite=("state_dict",))
     info = ckpt.get("run") or {}                        # train.py's RunConfig, saved in the checkpoint
     dataset, data_dir = info.get("dataset", _guess_dataset(run_dir)), info.get("data_dir", "data")
-    preset = ddpm_preset = info.get("preset", "paper")
+    preset = info.get("preset", "paper")
     cmd = data.train_command(SimpleNamespace(dataset=dataset, preset=preset, out=run_dir, data_dir=data_dir))
     if ckpt.get("version") != treevae.VERSION:
         raise SampleError(f"{tv_path} comes from an incompatible version of this code (checkpoint version "
@@ -147,8 +147,17 @@ def load_run(run_dir, device="cpu"):
                           f"{cmd} --stage treevae --resume")
     tv = treevae.TreeVAE.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
 
+    unet, diffusion, problem, d, ddpm_preset = _load_ddpm(dm_path, tv, tv_path, cmd, device, preset)
+    return Models(tv, unet, diffusion, dataset, data_dir, problem, tv_path, dm_path,
+                  data.fingerprint(ckpt["state_dict"]), data.fingerprint(d["ema"]) if unet is not None else "",
+                  preset, ddpm_preset)
+
+
+def _load_ddpm(dm_path, tv, tv_path, cmd, device, preset):
+    """load_run's stage 2: (EMA U-Net or None, its Diffusion or None, why there is none or "", ddpm.pt's dict or
+    None, the preset it was trained with). Never raises for a bad ddpm.pt: stage 1 can still be sampled."""
     unet = diffusion = None
-    problem, redo, d = "", f"train stage 2 afresh with {cmd} --stage ddpm --overwrite", None
+    problem, redo, d, ddpm_preset = "", f"train stage 2 afresh with {cmd} --stage ddpm --overwrite", None, preset
     if not os.path.exists(dm_path):
         problem = (f"no {dm_path}: the DDPM (stage 2) is not trained yet; sample stage 1 alone with "
                    f"--stage treevae, or train stage 2 with {cmd} --stage ddpm")
@@ -173,9 +182,7 @@ def load_run(run_dir, device="cpu"):
             if st["epoch"] < dcfg.epochs and st["global_step"] < budget:
                 print(f"note: {dm_path} is an unfinished stage 2 (epoch {st['epoch']}/{dcfg.epochs}, "
                       f"{st['global_step']} steps); sampling with its EMA weights so far")
-    return Models(tv, unet, diffusion, dataset, data_dir, problem, tv_path, dm_path,
-                  data.fingerprint(ckpt["state_dict"]), data.fingerprint(d["ema"]) if unet is not None else "",
-                  preset, ddpm_preset)
+    return unet, diffusion, problem, d, ddpm_preset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,13 +351,9 @@ def save_all_leaves(m, path, x_hat, x, labels=None, title=""):
     _savefig(fig, path)
 
 
-def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None):
-    """The learned tree: a node per circle (hollow: pass-through node left by pruning), edges as wide as the share
-    of samples passing through them (leaf_sizes summed up the tree; equal widths without sizes), and under each
-    leaf a strip of its images (leaf_images[k]: uint8 (m, C, H, W)) with its size and majority label."""
-    L, unit = tv.n_leaves, 0.85                        # one leaf slot = one data unit = 0.85 inch
-    # Layout with the one tree walk: every node owns an interval of leaf slots that its children split in order,
-    # so subtrees never cross; a node sits above the middle of its interval, at height -depth.
+def _tree_layout(tv):
+    """{node: horizontal position} in leaf slots, with the one tree walk: every node owns an interval of leaf slots
+    that its children split in order, so subtrees never cross; a node sits above the middle of its interval."""
     width, left, x = {}, {0: 0.0}, {}
     for i in reversed(list(tv.walk())):                 # children before parents
         width[i] = sum(width[c] for c in tv.child_ids[i]) or 1
@@ -358,13 +361,26 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
         x[i], cursor = left[i] + width[i] / 2 - 0.5, left[i]
         for c in tv.child_ids[i]:
             left[c], cursor = cursor, cursor + width[c]
-    # Probability mass per node: its subtree's share of the (test) samples.
-    mass = None
-    if leaf_sizes is not None:
-        total, mass = max(sum(leaf_sizes), 1), {}
-        for i in reversed(list(tv.walk())):
-            kids = tv.child_ids[i]
-            mass[i] = sum(mass[c] for c in kids) if kids else leaf_sizes[tv.leaves.index(i)] / total
+    return x
+
+
+def _subtree_mass(tv, leaf_sizes):
+    """{node: its subtree's share of the (test) samples} from the leaf sizes, or None without sizes."""
+    if leaf_sizes is None:
+        return None
+    total, mass = max(sum(leaf_sizes), 1), {}
+    for i in reversed(list(tv.walk())):                 # children before parents
+        kids = tv.child_ids[i]
+        mass[i] = sum(mass[c] for c in kids) if kids else leaf_sizes[tv.leaves.index(i)] / total
+    return mass
+
+
+def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None):
+    """The learned tree: a node per circle (hollow: pass-through node left by pruning), edges as wide as the share
+    of samples passing through them (leaf_sizes summed up the tree; equal widths without sizes), and under each
+    leaf a strip of its images (leaf_images[k]: uint8 (m, C, H, W)) with its size and majority label."""
+    L, unit = tv.n_leaves, 0.85                        # one leaf slot = one data unit = 0.85 inch
+    x, mass = _tree_layout(tv), _subtree_mass(tv, leaf_sizes)
     m = max(len(v) for v in leaf_images)                # images per leaf strip
     depth, cell = max(tv.depth.values()), 0.62          # one image: 0.62 units square
     bottom = -depth - 0.3 - m * cell - 0.75             # room for the deepest strip and its caption
@@ -557,7 +573,7 @@ def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=None, cache_dir
 
 def run(cfg):
     """One sampling call of the command line (each value already in its range and choices): check the request,
-    load, generate, save, say what was written."""
+    load, generate and save in the chosen mode, say what was written. Returns the picture's path."""
     if cfg.all_leaves and (cfg.recons or cfg.leaf >= 0):
         raise SampleError("--all-leaves shows every leaf: drop --leaf and --recons, or drop --all-leaves")
     if cfg.tree and (cfg.all_leaves or cfg.recons or cfg.leaf >= 0):
@@ -577,57 +593,77 @@ def run(cfg):
     if m.unet is not None and cfg.sampler == "ddim" and steps > m.unet.cfg.T:
         print(f"note: {steps} DDIM steps > the DDPM's T = {m.unet.cfg.T}; using {m.unet.cfg.T}")
     cfg = with_run_defaults(m, cfg)
-    g, how = _generator(device, cfg.seed), cfg.leaf if cfg.leaf >= 0 else "sample"
+    g = _generator(device, cfg.seed)
     mode = "all_leaves" if cfg.all_leaves else "recons" if cfg.recons else f"leaf{cfg.leaf}" if cfg.leaf >= 0 \
         else "sampled"
     suffix = "_treevae" if cfg.stage == "treevae" else "_ddim" if cfg.sampler == "ddim" else ""
     # the folder of `out` is made when the picture is saved (_savefig): Ctrl-C before that leaves no empty one
     out = cfg.out or os.path.join(cfg.run, f"tree{suffix}.png" if cfg.tree else f"samples_{mode}{suffix}.png")
     npz = os.path.splitext(out)[0] + ".npz"
-    refined = cfg.stage == "diffusion"
-    to_u8 = lambda x: None if x is None else pixels(m, x, refined=True)
-    how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
-    if cfg.all_leaves or cfg.tree:
-        n = cfg.n or (3 if cfg.tree else 8)
-        x_hat, x, leaf_probs = all_leaves(m, n, cfg, g)
-        final = to_u8(x) if refined else pixels(m, x_hat)                          # (n, L, C, H, W)
-        if cfg.tree:                  # the run's tree figure, with leaf sizes and labels from its metrics.json
-            metrics_path = os.path.join(cfg.run, "metrics.json")
-            metrics = drop_stale(data.read_json(metrics_path, "move it away (train.py writes a new one)"), m) \
-                if os.path.exists(metrics_path) else {}
-            save_tree(out, m, final, metrics, f"{n} " + (f"refined samples ({how_made})" if refined
-                                                         else "TreeVAE samples"), refined)
-        else:
-            save_all_leaves(m, out, x_hat, x, title=all_leaves_title(m, n, cfg, refined))
-        leaf = torch.arange(L).repeat(n)                                           # (n * L,) row-major
-        save_npz(npz, m, refined, images=final.flatten(0, 1), leaf=leaf, treevae=pixels(m, x_hat).flatten(0, 1),
-                 leaf_probs=leaf_probs)
-        what = ("the tree, " if cfg.tree else "") + f"{n} root samples x {L} leaves"
-    elif cfg.recons:
-        n = cfg.n or 16
-        images, _ = data.load(m.dataset, "test", cfg.data_dir or m.data_dir)
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:n]
-        x_hat, x, leaf = reconstructions(m, images[pick], how, cfg, g)
-        rows = [images[pick], pixels(m, x_hat).cpu()] + ([to_u8(x).cpu()] if refined else [])
-        ncol = min(n, 16)                                 # blocks of ncol columns: original / TreeVAE / refined
-        padded = [torch.cat([r, torch.full((-n % ncol, *r.shape[1:]), 255, dtype=torch.uint8)]) for r in rows]
-        blocks = [r[s:s + ncol] for s in range(0, n, ncol) for r in padded]
-        what = f"{n} test images: original, TreeVAE reconstruction" + (", refined" if refined else "")
-        labels = ["original", "TreeVAE", "refined"][:len(rows)]
-        save_grid(out, torch.cat(blocks), ncol, row_labels=labels,
-                  title=titled(f"{m.dataset}: {n} test images (rows: {', '.join(labels)}): the TreeVAE "
-                               f"reconstruction at the most probable leaf" +
-                               (f", refined ({how_made})" if refined else ""), m, refined))
-        save_npz(npz, m, refined, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
-    else:
-        n = cfg.n or 64
-        x_hat, x, leaf = sample(m, n, how, cfg, g)
-        final = to_u8(x) if refined else pixels(m, x_hat)
-        what = f"{n} samples, " + (f"leaf {cfg.leaf}" if cfg.leaf >= 0 else "leaves drawn from P(l | z_0)")
-        save_grid(out, final, math.ceil(math.sqrt(n)), title=titled(f"{m.dataset}: {what}; {how_made}", m, refined))
-        save_npz(npz, m, refined, images=final, leaf=leaf, treevae=pixels(m, x_hat) if refined else None)
+    write = _write_every_leaf if cfg.all_leaves or cfg.tree else _write_recons if cfg.recons else _write_samples
+    what = write(m, cfg, g, out, npz)
+    how_made = sampler_name(m, cfg) if cfg.stage == "diffusion" else "TreeVAE only"
     print(f"wrote {out} ({what}; {how_made}) and {npz} (key 'images': uint8 (N, C, H, W))")
     return out
+
+
+def _final(m, x_hat, x, refined):
+    """The pictures' uint8 pixels: the refinements x when refined, else the TreeVAE images x_hat."""
+    return pixels(m, x, refined=True) if refined else pixels(m, x_hat)
+
+
+def _write_every_leaf(m, cfg, g, out, npz):
+    """--all-leaves (the signature figure) or --tree (the run's tree with samples under each leaf): n root samples
+    at every leaf. Returns what was drawn, for the printed line."""
+    n, L, refined = cfg.n or (3 if cfg.tree else 8), m.tv.n_leaves, cfg.stage == "diffusion"
+    how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
+    x_hat, x, leaf_probs = all_leaves(m, n, cfg, g)
+    final = _final(m, x_hat, x, refined)                                       # (n, L, C, H, W)
+    if cfg.tree:                  # the run's tree figure, with leaf sizes and labels from its metrics.json
+        metrics_path = os.path.join(cfg.run, "metrics.json")
+        metrics = drop_stale(data.read_json(metrics_path, "move it away (train.py writes a new one)"), m) \
+            if os.path.exists(metrics_path) else {}
+        save_tree(out, m, final, metrics, f"{n} " + (f"refined samples ({how_made})" if refined
+                                                     else "TreeVAE samples"), refined)
+    else:
+        save_all_leaves(m, out, x_hat, x, title=all_leaves_title(m, n, cfg, refined))
+    leaf = torch.arange(L).repeat(n)                                           # (n * L,) row-major
+    save_npz(npz, m, refined, images=final.flatten(0, 1), leaf=leaf, treevae=pixels(m, x_hat).flatten(0, 1),
+             leaf_probs=leaf_probs)
+    return ("the tree, " if cfg.tree else "") + f"{n} root samples x {L} leaves"
+
+
+def _write_recons(m, cfg, g, out, npz):
+    """--recons: random test images, their TreeVAE reconstruction at the most probable (or --leaf) leaf and its
+    refinement, in row blocks of at most 16 columns."""
+    n, refined = cfg.n or 16, cfg.stage == "diffusion"
+    how = cfg.leaf if cfg.leaf >= 0 else "sample"
+    images, _ = data.load(m.dataset, "test", cfg.data_dir or m.data_dir)
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    x_hat, x, leaf = reconstructions(m, images[pick], how, cfg, g)
+    rows = [images[pick], pixels(m, x_hat).cpu()] + ([pixels(m, x, refined=True).cpu()] if refined else [])
+    ncol = min(n, 16)                                 # blocks of ncol columns: original / TreeVAE / refined
+    padded = [torch.cat([r, torch.full((-n % ncol, *r.shape[1:]), 255, dtype=torch.uint8)]) for r in rows]
+    blocks = [r[s:s + ncol] for s in range(0, n, ncol) for r in padded]
+    labels = ["original", "TreeVAE", "refined"][:len(rows)]
+    save_grid(out, torch.cat(blocks), ncol, row_labels=labels,
+              title=titled(f"{m.dataset}: {n} test images (rows: {', '.join(labels)}): the TreeVAE "
+                           f"reconstruction at the most probable leaf" +
+                           (f", refined ({sampler_name(m, cfg)})" if refined else ""), m, refined))
+    save_npz(npz, m, refined, images=rows[-1], original=rows[0], treevae=rows[1], leaf=leaf)
+    return f"{n} test images: original, TreeVAE reconstruction" + (", refined" if refined else "")
+
+
+def _write_samples(m, cfg, g, out, npz):
+    """The default mode: n samples, each leaf drawn from P(l | z_0), or all of leaf --leaf."""
+    n, refined = cfg.n or 64, cfg.stage == "diffusion"
+    how_made = sampler_name(m, cfg) if refined else "TreeVAE only"
+    x_hat, x, leaf = sample(m, n, cfg.leaf if cfg.leaf >= 0 else "sample", cfg, g)
+    final = _final(m, x_hat, x, refined)
+    what = f"{n} samples, " + (f"leaf {cfg.leaf}" if cfg.leaf >= 0 else "leaves drawn from P(l | z_0)")
+    save_grid(out, final, math.ceil(math.sqrt(n)), title=titled(f"{m.dataset}: {what}; {how_made}", m, refined))
+    save_npz(npz, m, refined, images=final, leaf=leaf, treevae=pixels(m, x_hat) if refined else None)
+    return what
 
 
 def parser():

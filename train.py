@@ -361,6 +361,8 @@ class TreeStage:
         print(msg, flush=True)
 
     def fit(self):
+        """Run the schedule from wherever the state says (a fresh "init" or a resumed phase) to "done"; every phase
+        change is saved, so an interruption resumes at the phase, epoch and batch it reached."""
         cfg, st, model = self.cfg, self.st, self.model
         self.interrupt = Interrupt()                   # Ctrl-C saves at the next step boundary while fitting
         while st["phase"] != "done":
@@ -371,25 +373,7 @@ class TreeStage:
                 self.validate("init")
                 self.next_phase("grow")
             elif st["phase"] == "grow":
-                if st["splits"] and st["splits"] % cfg.splits_per_retrain == 0 and st["retrained_at"] != st["splits"]:
-                    self.next_phase("intermediate")
-                    continue
-                probs = self.leaf_probs(self.train_images)                      # (N, n_leaves)
-                leaf, msg, members = treevae.choose_split(model, probs, cfg.batch_size)
-                if st["splits"] >= 150:                        # the authors' cap on growing iterations
-                    leaf, msg = None, "stop: 150 splits"
-                self.log(f"[grow] {msg}")
-                if leaf is None:
-                    counts = torch.bincount(probs.argmax(1), minlength=model.n_leaves)
-                    pruned = model.prune(counts.tolist(), cfg.prune_threshold)
-                    self.log(f"[prune] removed leaves {pruned} (< {cfg.prune_threshold:.0%} of the samples); "
-                             f"{model.n_leaves} leaves remain")
-                    self.next_phase("finetune")
-                    continue
-                model.split(leaf)
-                model.to(self.device)
-                st.update(node=leaf, members=members.nonzero().squeeze(1).cpu())
-                self.next_phase("subtree")
+                self.grow()
             elif st["phase"] == "subtree":
                 params = model.train_subtree(st["node"])
                 kids = model.child_ids[st["node"]]
@@ -412,6 +396,31 @@ class TreeStage:
         self.interrupt.restore()
         self.model.eval()
         return self.model
+
+    def grow(self):
+        """One growing decision (the authors' train/train_tree.py): after every `splits_per_retrain` splits first
+        retrain the whole tree; else split the leaf choose_split picks and train its subtree next, or, when growth
+        stops, prune and go on to fine-tuning."""
+        cfg, st, model = self.cfg, self.st, self.model
+        if st["splits"] and st["splits"] % cfg.splits_per_retrain == 0 and st["retrained_at"] != st["splits"]:
+            self.next_phase("intermediate")
+            return
+        probs = self.leaf_probs(self.train_images)                      # (N, n_leaves)
+        leaf, msg, members = treevae.choose_split(model, probs, cfg.batch_size)
+        if st["splits"] >= 150:                        # the authors' cap on growing iterations (train_tree.py)
+            leaf, msg = None, "stop: 150 splits"
+        self.log(f"[grow] {msg}")
+        if leaf is None:                               # prune by hard (argmax) assignment, as the authors
+            counts = torch.bincount(probs.argmax(1), minlength=model.n_leaves)
+            pruned = model.prune(counts.tolist(), cfg.prune_threshold)
+            self.log(f"[prune] removed leaves {pruned} (< {cfg.prune_threshold:.0%} of the samples); "
+                     f"{model.n_leaves} leaves remain")
+            self.next_phase("finetune")
+            return
+        model.split(leaf)
+        model.to(self.device)                          # the new children's modules were built on the CPU
+        st.update(node=leaf, members=members.nonzero().squeeze(1).cpu())
+        self.next_phase("subtree")
 
     @torch.no_grad()
     def validate(self, tag):
@@ -480,10 +489,9 @@ def leaf_condition(x_hat, leaf_probs):
     return x_hat[torch.arange(len(leaf), device=leaf.device), leaf] * 2 - 1, leaf
 
 
-def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
-    """Stage 2 on the frozen tree tv; ckpt: the ddpm.pt to continue (read and checked against tv by main)."""
-    path = os.path.join(run.out, "ddpm.pt")
-    tv.eval().requires_grad_(False)
+def ddpm_models(dcfg, tv, device, ckpt=None):
+    """The U-Net, its EMA, the Diffusion and the optimiser of stage 2, with the state {epoch, step, global_step}
+    and treevae_id, the fingerprint of the stage-1 weights they are conditioned on: fresh, or those of ckpt."""
     unet = ddpm.UNet(dcfg).to(device)
     if device.type == "cuda":                  # channels-last convolutions are the fast layout for cuDNN in bf16
         unet = unet.to(memory_format=torch.channels_last)
@@ -494,6 +502,16 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
         unet.load_state_dict(ckpt["model"]), ema.model.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         st, tv_id = ckpt["state"], ckpt["treevae_id"]       # a checkpoint's provenance is never rewritten
         set_rng_state(ckpt["rng"])
+    return unet, ema, diffusion, opt, st, tv_id
+
+
+def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
+    """Stage 2 on the frozen tree tv (Algorithm 1 of Ho et al. with the leaf conditioning of leaf_condition);
+    ckpt: the ddpm.pt to continue (read and checked against tv by run_stages). Returns the EMA U-Net."""
+    path = os.path.join(run.out, "ddpm.pt")
+    tv.eval().requires_grad_(False)
+    unet, ema, diffusion, opt, st, tv_id = ddpm_models(dcfg, tv, device, ckpt)
+    if ckpt is not None:
         print(f"resumed {path}: epoch {st['epoch']}, batch {st['step']}, {st['global_step']} steps done")
     print(f"DDPM: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, {tv.n_leaves} leaves")
     remedy = diverged_remedy("ddpm")
@@ -571,68 +589,21 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
     tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (make_figures: 64 samples
     and 4 per leaf) and FID sample with sample_steps U-Net calls per image (default T: the ancestral sampler).
     n_leaves: the stage-2 tree's leaf count when it exists already (default: the leaf budget max_leaves).
-    On a CPU, step times that contradict each other or vary wildly between repeats add timing_warning's line."""
+    On a CPU, step times that contradict each other or vary wildly between repeats add timing_warning's line.
+    Returns {phase: seconds}."""
     what = " and ".join(["TreeVAE"] * tree + ["DDPM"] * (dcfg is not None))
     print(f"planning: timing a few {what} steps on {device} to predict each phase's duration (seconds to ~2 min "
           f"on a CPU; --plan false skips this)", flush=True)
     times = {}                                      # label -> (median, min, max) seconds, for timing_warning
+    L, phases, steps = n_leaves or tv_cfg.max_leaves, {}, []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        B, shape = tv_cfg.batch_size, (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
+        shape = (tv_cfg.batch_size, tv_cfg.in_channels, tv_cfg.image_size, tv_cfg.image_size)
         x = torch.rand(shape, device=device)
-
-        def tree_step(label, n_leaves, subtree=False):
-            model = grown_tree(tv_cfg, n_leaves, device)
-            node = model.leaves[-1]
-            if subtree:
-                model.split(node)
-                params, decode = model.to(device).train_subtree(node), model.child_ids[node]
-            else:
-                params, decode = list(model.train_all().parameters()), None
-            step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
-            times[label] = timed(lambda: step(x, 0.5), device, repeat, warmup=5)
-            return times[label][0]
-        L, phases, steps = n_leaves or tv_cfg.max_leaves, {}, []
         if tree:
-            t2, tL, t_sub = tree_step("2-leaf", 2), tree_step(f"{L}-leaf", L), tree_step("subtree", L - 1, True)
-            t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)   # linear in the leaf count
-            spe, splits = n_train // B, L - 2
-            phases = {"init": tv_cfg.epochs_init * spe * t2,
-                      "subtrees": sum(tv_cfg.epochs_subtree * (n_train / k // B) * t_sub for k in range(2, L)),
-                      "intermediate": sum(tv_cfg.epochs_intermediate * spe * t_at(2 + j * tv_cfg.splits_per_retrain)
-                                          for j in range(1, splits // tv_cfg.splits_per_retrain + 1)),
-                      "finetune": tv_cfg.epochs_finetune * spe * tL}
-            steps += [f"2 leaves {t2 * 1e3:.1f} ms", f"{L} leaves {tL * 1e3:.1f} ms",
-                      f"subtree {t_sub * 1e3:.1f} ms at batch {B}"]
+            steps += _plan_tree(phases, times, tv_cfg, n_train, L, x, device, autocast, compile, graphs, repeat)
         if dcfg is not None:                       # one DDPM step, with the TreeVAE leaf reconstructions it needs
-            tv = grown_tree(tv_cfg, L, device).eval()
-            unet = ddpm.UNet(dataclasses.replace(dcfg, n_leaves=L)).to(device)
-            ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
-            b = dcfg.batch_size if device.type == "cuda" else min(dcfg.batch_size, 32)   # CPU: time 32, scale up
-            xd = torch.rand(b, *shape[1:], device=device)
-            x_hat_d, probs_d = tv.reconstruct(xd)             # computed once per data set (leaf_reconstructions)
-            t_rec = timed(lambda: tv.reconstruct(xd), device, repeat, warmup=1)[0]
-
-            def ddpm_step():
-                cond, leaf = leaf_condition(x_hat_d, probs_d.float())
-                with autocast():
-                    ddpm.train_step(unet, ema, diffusion, opt, xd * 2 - 1, cond, leaf, dcfg, 10 ** 6)
-            times["DDPM training"] = timed(ddpm_step, device, repeat, warmup=1)          # at batch b
-            t_ddpm = times["DDPM training"][0] * dcfg.batch_size / b
-            n_steps = dcfg.epochs * (n_train // dcfg.batch_size)
-            n_steps = min(n_steps, dcfg.max_steps) if dcfg.max_steps else n_steps
-            phases["ddpm"] = n_steps * t_ddpm + n_train / b * t_rec
-            cond, leaf = leaf_condition(x_hat_d, probs_d.float())
-            t_idx = torch.full((b,), dcfg.T // 2, dtype=torch.long, device=device)
-
-            @torch.no_grad()
-            def reverse_step():
-                with autocast():
-                    ema.model(xd * 2 - 1, t_idx, cond, leaf)
-            times["sampling"] = timed(reverse_step, device, repeat, warmup=1)           # at batch b
-            t_rev = times["sampling"][0]
-            phases["figures"] = (64 + 4 * L + fid_samples) / b * (sample_steps or dcfg.T) * t_rev
-            steps.append(f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size} with {L} leaf conditions, "
-                         f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}")
+            steps += _plan_ddpm(phases, times, tv_cfg, dcfg, n_train, L, shape, device, autocast, repeat,
+                                sample_steps, fid_samples)
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
           f" | total {total / 3600:.2f} h on {device} (steps: {', '.join(steps)})", flush=True)
@@ -644,6 +615,68 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
     if warning:
         print(warning, flush=True)
     return phases
+
+
+def _plan_tree(phases, times, tv_cfg, n_train, L, x, device, autocast, compile, graphs, repeat):
+    """plan's stage 1: times a 2-leaf, an L-leaf and a subtree step on the images x, fills phases (seconds of the
+    init, subtree, intermediate and finetune phases) and times; returns the step-time texts of the plan line."""
+    B = tv_cfg.batch_size
+
+    def tree_step(label, n_leaves, subtree=False):
+        model = grown_tree(tv_cfg, n_leaves, device)
+        node = model.leaves[-1]
+        if subtree:
+            model.split(node)
+            params, decode = model.to(device).train_subtree(node), model.child_ids[node]
+        else:
+            params, decode = list(model.train_all().parameters()), None
+        step = TrainStep(model, params, tv_cfg, device, autocast, compile, graphs, decode)
+        times[label] = timed(lambda: step(x, 0.5), device, repeat, warmup=5)
+        return times[label][0]
+    t2, tL, t_sub = tree_step("2-leaf", 2), tree_step(f"{L}-leaf", L), tree_step("subtree", L - 1, True)
+    t_at = lambda leaves: t2 + (tL - t2) * (leaves - 2) / max(L - 2, 1)   # linear in the leaf count
+    spe, splits = n_train // B, L - 2                                     # steps per epoch, splits to L leaves
+    phases.update({"init": tv_cfg.epochs_init * spe * t2,
+                   # the k-th split trains on ~1/k of the data: a leaf of a k-leaf tree holds about that share
+                   "subtrees": sum(tv_cfg.epochs_subtree * (n_train / k // B) * t_sub for k in range(2, L)),
+                   "intermediate": sum(tv_cfg.epochs_intermediate * spe * t_at(2 + j * tv_cfg.splits_per_retrain)
+                                       for j in range(1, splits // tv_cfg.splits_per_retrain + 1)),
+                   "finetune": tv_cfg.epochs_finetune * spe * tL})
+    return [f"2 leaves {t2 * 1e3:.1f} ms", f"{L} leaves {tL * 1e3:.1f} ms", f"subtree {t_sub * 1e3:.1f} ms at batch {B}"]
+
+
+def _plan_ddpm(phases, times, tv_cfg, dcfg, n_train, L, shape, device, autocast, repeat, sample_steps, fid_samples):
+    """plan's stage 2: times a DDPM training step (with an L-leaf tree's reconstructions) and a sampling call,
+    fills phases ("ddpm", "figures": the end-of-run figures and FID) and times; returns the plan line's text."""
+    tv = grown_tree(tv_cfg, L, device).eval()
+    unet = ddpm.UNet(dataclasses.replace(dcfg, n_leaves=L)).to(device)
+    ema, diffusion, opt = ddpm.EMA(unet, dcfg.ema_decay), ddpm.Diffusion(dcfg).to(device), ddpm.make_optimizer(unet, dcfg)
+    b = dcfg.batch_size if device.type == "cuda" else min(dcfg.batch_size, 32)   # CPU: time 32, scale up
+    xd = torch.rand(b, *shape[1:], device=device)
+    x_hat_d, probs_d = tv.reconstruct(xd)             # computed once per data set (leaf_reconstructions)
+    t_rec = timed(lambda: tv.reconstruct(xd), device, repeat, warmup=1)[0]
+
+    def ddpm_step():
+        cond, leaf = leaf_condition(x_hat_d, probs_d.float())
+        with autocast():
+            ddpm.train_step(unet, ema, diffusion, opt, xd * 2 - 1, cond, leaf, dcfg, 10 ** 6)
+    times["DDPM training"] = timed(ddpm_step, device, repeat, warmup=1)          # at batch b
+    t_ddpm = times["DDPM training"][0] * dcfg.batch_size / b
+    n_steps = dcfg.epochs * (n_train // dcfg.batch_size)
+    n_steps = min(n_steps, dcfg.max_steps) if dcfg.max_steps else n_steps
+    phases["ddpm"] = n_steps * t_ddpm + n_train / b * t_rec
+    cond, leaf = leaf_condition(x_hat_d, probs_d.float())
+    t_idx = torch.full((b,), dcfg.T // 2, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def reverse_step():
+        with autocast():
+            ema.model(xd * 2 - 1, t_idx, cond, leaf)
+    times["sampling"] = timed(reverse_step, device, repeat, warmup=1)           # at batch b
+    t_rev = times["sampling"][0]
+    phases["figures"] = (64 + 4 * L + fid_samples) / b * (sample_steps or dcfg.T) * t_rev
+    return [f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size} with {L} leaf conditions, "
+            f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}"]
 
 
 def timing_warning(times, faster, threads):
@@ -830,7 +863,7 @@ def main(argv=None):
 
 def run_stages(run, tv_cfg, ddpm_overrides, argv):
     """Both stages (or the one run.stage asks for), then the figures and FID: what one call of train.py does, in
-    its run folder (made by main)."""
+    its run folder (made by main). Everything a call continues from is read and checked before any training."""
     tv_path, ddpm_path, metrics_path = (os.path.join(run.out, f) for f in ("treevae.pt", "ddpm.pt", "metrics.json"))
     refuse_overwrite(run, tv_path, ddpm_path)          # before anything is read or trained
     torch.manual_seed(run.seed)
@@ -842,11 +875,8 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
     fresh1 = not run.resume and run.stage != "ddpm"     # stage 1 from scratch: the old files are not needed
     tv_ckpt = read_treevae(run, tv_path) if not fresh1 and os.path.exists(tv_path) else None
     if run.resume and tv_ckpt is not None:              # a resumed run keeps the schedule it was started with
-        tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
-        if tv_cfg.dataset != run.dataset:               # same image shape or not: the tree learnt other data
-            raise data.DataError(f"{tv_path} was trained on {tv_cfg.dataset}, not {run.dataset}: resume it with "
-                                 f"--dataset {tv_cfg.dataset}, or give another --out")
-        print(f"--resume: using the TreeVAE configuration saved in {tv_path}")
+        tv_cfg = resumed_config(run, tv_ckpt, tv_path)
+    # The validation split: a fixed 10 % of the training split (seed 0 whatever --seed), never the test set.
     train_idx, val_idx = data.train_val_split(len(images), tv_cfg.val_fraction, seed=0)
     print(f"run: {json.dumps(dataclasses.asdict(run))}\ntreevae: {json.dumps(dataclasses.asdict(tv_cfg))}")
     print(f"data: {run.dataset} {len(train_idx)} train / {len(val_idx)} validation / {len(test_images)} test, "
@@ -858,31 +888,10 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
     metrics = data.read_json(metrics_path, "move it away (this run writes a new one)") \
         if os.path.exists(metrics_path) and not fresh1 else {}
     if run.plan and not run.resume:
-        saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
-        dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
-            ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
-        phases = plan(saved.cfg if saved else tv_cfg, dcfg_plan, len(train_idx), device, autocast, run.compile,
-                      run.graphs, tree=run.stage != "ddpm", fid_samples=run.fid_samples,
-                      sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim"
-                      else None, n_leaves=saved.n_leaves if saved else None)
-        warning = long_run_warning(phases, run, tv_cfg, dcfg_plan, device)
-        if warning:
-            print(warning, flush=True)
+        print_plan(run, tv_cfg, ddpm_overrides, tv_ckpt, len(train_idx), device, autocast)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     if run.stage in ("treevae", "all"):
-        if fresh1 and os.path.exists(ddpm_path):        # --overwrite (refuse_overwrite): it belongs to the old tree
-            os.remove(ddpm_path)
-            print(f"--overwrite: removed {ddpm_path} (trained on the stage 1 that this run replaces)")
-        restarts = None
-        if run.restarts > 1:                             # the chosen restart becomes this run's stage 1
-            restarts = fit_restarts(run, argv)
-            stage1.load(read_treevae(run, tv_path), verb="loaded the chosen")
-        else:
-            if run.resume and tv_ckpt is not None:
-                stage1.load(tv_ckpt)
-            elif run.resume:
-                print(f"--resume: no {tv_path} yet, starting stage 1 from scratch")
-            stage1.fit()
+        restarts = run_stage1(run, stage1, tv_path, ddpm_path, fresh1, tv_ckpt, argv)
         metrics["treevae"] = stage1_metrics(stage1.model, stage1.st["log"], test_images, test_labels, device,
                                             tv_path)
         if restarts:
@@ -892,27 +901,78 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
         tv_ckpt = finished_stage1(run, tv_path, read_treevae(run, tv_path))
     tv = treevae.TreeVAE.from_checkpoint(tv_ckpt).to(device)
     if run.stage in ("ddpm", "all"):
-        tv_id, section = data.fingerprint(tv.state_dict()), metrics.get("treevae")
-        if section is None or section.get("treevae_id", tv_id) != tv_id:   # absent, or of another tree: this one's
-            if section is not None:
-                print(f"note: {metrics_path} describes other stage-1 weights than {tv_path}; recomputing them")
-            metrics["treevae"] = stage1_metrics(tv, tv_ckpt["state"]["log"], test_images, test_labels, device,
-                                                tv_path)
-        dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
-        if dm_ckpt is not None:                          # keep the DDPM configuration it was started with ...
-            saved = ddpm.DDPMConfig(**dm_ckpt["config"])
-            # ... but for the DDIM settings: they train nothing, and the figures and FID below sample with them
-            dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items() if k.startswith("ddim_")})
-        print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
-        train_ddpm(run, dcfg, tv, device, autocast, images[train_idx], dm_ckpt)
-    # The figures (tree.png and the sample grids) and the FID come from sample.py.
-    # DDIM steps and eta: those saved in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults
+        run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, images[train_idx], test_images, test_labels,
+                   device, autocast, tv_path, metrics_path)
+    # The figures (tree.png and the sample grids) and the FID come from sample.py. DDIM steps and eta: those saved
+    # in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults.
     sample.make_figures(run.out, device=device, metrics=metrics, sampler=run.sampler)
     if run.fid_samples:
         metrics.update(sample.compute_fid(run.out, run.fid_samples, device=device, data_dir=run.data_dir,
                                           sampler=run.sampler))
     data.write_json(metrics_path, metrics)
     print(f"wrote {metrics_path}")
+
+
+def resumed_config(run, tv_ckpt, tv_path):
+    """The TreeVAE configuration a resumed run continues with: the one saved in tv_ckpt, which must be of
+    run.dataset (the tree learnt that data, whatever the image shape)."""
+    tv_cfg = treevae.TreeVAE.from_checkpoint(tv_ckpt).cfg
+    if tv_cfg.dataset != run.dataset:
+        raise data.DataError(f"{tv_path} was trained on {tv_cfg.dataset}, not {run.dataset}: resume it with "
+                             f"--dataset {tv_cfg.dataset}, or give another --out")
+    print(f"--resume: using the TreeVAE configuration saved in {tv_path}")
+    return tv_cfg
+
+
+def print_plan(run, tv_cfg, ddpm_overrides, tv_ckpt, n_train, device, autocast):
+    """The planner's lines before a fresh call trains: each phase's predicted time and, off a GPU, the long-run
+    warning with its quicker alternatives. Stage 2 alone is planned on the saved tree (its leaf count)."""
+    saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
+    dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
+        ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
+    phases = plan(saved.cfg if saved else tv_cfg, dcfg_plan, n_train, device, autocast, run.compile,
+                  run.graphs, tree=run.stage != "ddpm", fid_samples=run.fid_samples,
+                  sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim"
+                  else None, n_leaves=saved.n_leaves if saved else None)
+    warning = long_run_warning(phases, run, tv_cfg, dcfg_plan, device)
+    if warning:
+        print(warning, flush=True)
+
+
+def run_stage1(run, stage1, tv_path, ddpm_path, fresh1, tv_ckpt, argv):
+    """Stage 1 into tv_path: fit stage1 (resumed from tv_ckpt with --resume), or run --restarts copies side by side
+    and load the chosen one. Returns the restarts' summary for metrics.json, or None."""
+    if fresh1 and os.path.exists(ddpm_path):        # --overwrite (refuse_overwrite): it belongs to the old tree
+        os.remove(ddpm_path)
+        print(f"--overwrite: removed {ddpm_path} (trained on the stage 1 that this run replaces)")
+    if run.restarts > 1:                             # the chosen restart becomes this run's stage 1
+        restarts = fit_restarts(run, argv)
+        stage1.load(read_treevae(run, tv_path), verb="loaded the chosen")
+        return restarts
+    if run.resume and tv_ckpt is not None:
+        stage1.load(tv_ckpt)
+    elif run.resume:
+        print(f"--resume: no {tv_path} yet, starting stage 1 from scratch")
+    stage1.fit()
+    return None
+
+
+def run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, train_images, test_images, test_labels, device,
+               autocast, tv_path, metrics_path):
+    """Stage 2 on the finished tree tv: metrics.json's stage-1 section made to describe tv first (the figures
+    label the leaves with it), then the DDPM, fresh or continued from dm_ckpt."""
+    tv_id, section = data.fingerprint(tv.state_dict()), metrics.get("treevae")
+    if section is None or section.get("treevae_id", tv_id) != tv_id:   # absent, or of another tree: this one's
+        if section is not None:
+            print(f"note: {metrics_path} describes other stage-1 weights than {tv_path}; recomputing them")
+        metrics["treevae"] = stage1_metrics(tv, tv_ckpt["state"]["log"], test_images, test_labels, device, tv_path)
+    dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
+    if dm_ckpt is not None:                          # keep the DDPM configuration it was started with ...
+        saved = ddpm.DDPMConfig(**dm_ckpt["config"])
+        # ... but for the DDIM settings: they train nothing, and the figures and FID below sample with them
+        dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items() if k.startswith("ddim_")})
+    print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
+    train_ddpm(run, dcfg, tv, device, autocast, train_images, dm_ckpt)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def plain_adam(params, cfg, weight_decay=None):
 
 
 def plain_step(model, opt, x, alpha, decode=None):
-    """The textbook training step: forward, SPEC 2 loss with a Python-float alpha, backward, Adam."""
+    """The textbook training step: forward, the negative ELBO (TreeVAE.loss) with a Python-float alpha, backward,
+    Adam."""
     opt.zero_grad(set_to_none=True)
     out = model(x, decode=decode)
     loss = model.loss(out, alpha)

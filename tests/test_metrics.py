@@ -1,4 +1,4 @@
-"""Tests for treevae.py's clustering metrics (SPEC 6): Hungarian accuracy, NMI, leaf purity and dendrogram purity,
+"""Tests for treevae.py's clustering metrics (those TreeVAE reports): Hungarian accuracy, NMI, leaf and dendrogram purity,
 against brute force (all permutations; all pairs, with the lowest common ancestor found by walking parents) and
 against hand-computed numbers. Split out of test_treevae.py, whose smoke-tree helpers they use."""
 import itertools

@@ -273,7 +273,7 @@ def test_generate_leaf_uses_that_leafs_path_and_decoder(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Presets (SPEC 3-4)
+# Presets (the authors' configs/mnist.yml, fmnist.yml, cifar10.yml)
 
 def test_presets_follow_the_spec():
     mnist, fmnist, cifar = (treevae_config(d, "paper") for d in ("mnist", "fashion_mnist", "cifar10"))
@@ -285,7 +285,7 @@ def test_presets_follow_the_spec():
     assert mnist.activation == "swish" and fmnist.activation == "leaky_relu" and not mnist.contrastive
     assert (cifar.latent_channels, cifar.latent_size, cifar.bottom_up_channels, cifar.in_channels) == (64, 4, 128, 3)
     assert cifar.contrastive and cifar.likelihood == "gaussian"
-    # SPEC 4.4: no fine-tuning on CIFAR-10; a shorter schedule must not add one
+    # cifar10.yml: num_epochs_finetuning 0 (no fine-tuning on CIFAR-10); a shorter schedule must not add one
     for preset in ("paper", "fast"):
         assert treevae_config("cifar10", preset).epochs_finetune == 0, preset
     with pytest.raises(ValueError):

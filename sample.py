@@ -1,7 +1,9 @@
 """Sample Diffuse-TreeVAE: a root sample, a leaf, the leaf's TreeVAE image, and its DDPM refinement.
 
 Paper: Goncalves et al., "Structured Generations: Using Hierarchical Clusters to guide Diffusion Models"
-(arXiv 2407.06124), SPEC sections 1 and 5. Generation, in the order of the functions below:
+(arXiv 2407.06124), and the sampling settings of the authors' configs/mnist.yml (evaluation: 1000-step
+ancestral DDPM with the "fixedlarge" variance, EMA weights, modes sample / sample_all_leaves / recons).
+Generation, in the order of the functions below:
 
     z_0 ~ N(0, I)                                    root_sample: the root latent (n, C, R, R)
     z_i ~ p(z_i | z_pa(i)) down the tree             TreeVAE.generate: every leaf l decoded -> x_hat^(l) in [0, 1]
@@ -196,7 +198,8 @@ def root_sample(tv, n, generator):
 
 def pick_leaves(leaf_probs, how, generator):
     """One leaf per sample (n,): 'sample' draws l ~ P(l | z_0) from the p-routers' path probabilities,
-    'argmax' takes the most probable leaf (SPEC 6, the TreeVAE FID), an int forces that leaf."""
+    'argmax' takes the most probable leaf (the hard cluster, used for the TreeVAE stage's FID), an int forces that
+    leaf."""
     if how == "sample":
         return torch.multinomial(leaf_probs.float(), 1, generator=generator).squeeze(1)
     if how == "argmax":
@@ -544,7 +547,7 @@ def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, 
 def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=None, cache_dir="cache", how="argmax",
                 n_boot=200, batch=None, sampler="ddpm", eta=None):
     """FID (fid.py's offline extractor, trained on the data set's training labels) of n generations against the
-    test split, for the TreeVAE images of the `how` leaf (SPEC 6: argmax) and for their refinements (the
+    test split, for the TreeVAE images of the `how` leaf (argmax: the hard cluster) and for their refinements (the
     same z_0 and leaves, so the pair isolates what stage 2 adds). Returns {'fid': {...}} for metrics.json."""
     import fid                                                   # only needed here
     device = torch.device(device)

@@ -4,7 +4,7 @@
     python train.py --dataset fashion_mnist --preset fast --stage treevae
     python train.py --dataset mnist --resume             # continue an interrupted run where it stopped
 
-Stage 1 schedule (SPEC 4, every epoch count a config field):
+Stage 1 schedule (the authors' train/train_tree.py and configs/mnist.yml; every epoch count a config field):
     init          train root + 2 leaves for epochs_init
     repeat:       every `splits_per_retrain` splits, train the whole tree epochs_intermediate ('intermediate');
                   choose a leaf (treevae.choose_split); stop at the leaf budget or max depth;
@@ -12,8 +12,15 @@ Stage 1 schedule (SPEC 4, every epoch count a config field):
     prune         drop leaves with < 1 % of the training samples
     finetune      train the whole tree epochs_finetune
 Every phase has a fresh Adam, a step learning-rate decay and the KL weight alpha = min(1, kl_start + epoch *
-decay_kl). Stage 2 (SPEC 5): the frozen TreeVAE reconstructs each batch at every leaf, one leaf l ~ P(l|x) is
-sampled per image, and the DDPM learns eps(x_t, t | x_hat^(l), l).
+decay_kl) (the authors' AnnealKLCallback, restarted per phase as they do). Stage 2 (Goncalves et al.; the ddpm
+section of configs/mnist.yml): the frozen TreeVAE reconstructs each image at every leaf, one leaf l ~ P(l|x) is
+sampled per image, and the DDPM learns eps(x_t, t | x_hat^(l), l) by Algorithm 1 of Ho et al.
+
+Order of this file: the run's configuration and its command line; the training plumbing both stages share
+(checkpoint files, RNG state, the progress line, Ctrl-C); stage 1 (TrainStep: one step; TreeStage: the schedule);
+stage 2 (leaf conditioning, train_ddpm); the planner (measured step times -> predicted hours); then main and the
+reading and checking of what a call continues from. The model math lives in treevae.py and ddpm.py, the
+figures and FID in sample.py and fid.py; this file only decides what runs when, and what is saved.
 
 Run folder (default runs/<dataset>): treevae.pt, ddpm.pt (self-contained, written atomically at every epoch
 end, every `ckpt_every` DDPM steps and on Ctrl-C), metrics.json, tree.png and sample grids. A checkpoint holds
@@ -45,6 +52,9 @@ from data import setting
 
 @dataclass
 class RunConfig:
+    """How to run (not what to learn): data, run folder, stage, hardware, seeds, logging. The models' settings are
+    treevae.TreeVAEConfig and ddpm.DDPMConfig; all three are saved in the checkpoints, so a run folder says how it
+    was made and --resume needs no flags but --resume."""
     dataset: str = setting("mnist", "data set: mnist | fashion_mnist (or fashion-mnist, fmnist) | cifar10")
     data_dir: str = setting("data", "folder holding the data files (missing ones are downloaded into it)")
     preset: str = setting("paper", "schedule and model size (treevae.treevae_config, ddpm.ddpm_config): paper (the "
@@ -125,12 +135,18 @@ def parse_args(argv=None):
     run = RunConfig(**data.overrides(args, RunConfig))
     run.dataset = data.canonical_name(run.dataset)
     run.out = run.out or os.path.join("runs", run.dataset)
+    # A stage config is the preset's, then the flags given on top (only those: None means "keep the preset's").
     tv_cfg = dataclasses.replace(treevae.treevae_config(run.dataset, run.preset),
                                  **data.overrides(args, treevae.TreeVAEConfig, "treevae-"))
+    # The DDPM's config is completed later (its leaf count is the grown tree's), so only the overrides are kept.
     ddpm_overrides = data.overrides(args, ddpm.DDPMConfig, "ddpm-")
     ddpm.check(dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset), **ddpm_overrides))
     return run, tv_cfg, ddpm_overrides
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training plumbing shared by both stages: checkpoint files, RNG state, the progress line, divergence, Ctrl-C.
+# (The device and precision block is data.setup_device, shared with sample.py and bench.py.)
 
 def save_atomic(obj, path):
     """Write to a temporary name and rename, so an interrupted save never leaves a broken checkpoint."""
@@ -140,10 +156,13 @@ def save_atomic(obj, path):
 
 
 def rng_state():
+    """Every random stream a resumed run must continue: torch's CPU generator (batch order, noise on the CPU) and
+    each GPU's. Saved in every checkpoint, so --resume draws the same numbers an uninterrupted run would."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
+    """Restore rng_state()'s streams (the GPU ones only where a GPU is visible: a CUDA run resumes on a CPU too)."""
     torch.set_rng_state(state["cpu"].cpu())   # a checkpoint loaded onto the GPU moves it
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -156,9 +175,11 @@ class Progress:
     steps since the last save, as a crash would); the save guards (check_weights) catch one that arises after the
     last line."""
     def __init__(self, every, ckpt="the checkpoint", remedy=""):
+        # ckpt, remedy: named in the divergence error (which file is kept, what to do instead of resuming)
         self.every, self.t0, self.seen, self.ckpt, self.remedy = every, time.time(), 0, ckpt, remedy
 
     def start(self):
+        """Restart the clock: rates and ETAs are per phase, not since the process began."""
         self.t0, self.seen = time.time(), 0
 
     def __call__(self, tag, step, total, batch, terms):
@@ -166,6 +187,7 @@ class Progress:
         if step % self.every and step != total:
             return
         dt = max(time.time() - self.t0, 1e-9)
+        # ETA from the mean rate so far: step times are steady within a phase (fixed shapes, fixed tree)
         eta = (total - step) * dt / max(step, 1) if step else 0.0
         values = {k: float(v) for k, v in terms.items()}                   # the host sync happens only here
         loss = " ".join(f"{k} {v:.3f}" for k, v in values.items())
@@ -192,9 +214,6 @@ def diverged_remedy(stage):
     return f"resuming would repeat the same steps: start this stage afresh ({flags}) with a lower {lr} or another --seed"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Stage 1: grow the TreeVAE
-
 class Interrupt:
     """While training, Ctrl-C sets a flag that the training loops check after every step, so the checkpoint is
     written at a step boundary (a second Ctrl-C aborts at once). restore() gives Ctrl-C back its plain meaning
@@ -204,6 +223,7 @@ class Interrupt:
         self.previous = signal.signal(signal.SIGINT, self.handler)
 
     def handler(self, *_):
+        # Only a flag: saving inside a signal handler could write a half-updated model (mid optimiser step).
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -213,9 +233,12 @@ class Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: grow the TreeVAE
+
 class TrainStep:
-    """One TreeVAE optimisation step: forward, SPEC 2 loss, backward, Adam. Returns (loss, rec) as device tensors,
-    so the loop never waits for the GPU. Options: torch.compile of the forward (`compile`), and on CUDA the whole
+    """One TreeVAE optimisation step: forward, the negative ELBO (TreeVAE.loss), backward, Adam. Returns (loss, rec)
+    as device tensors, so the loop never waits for the GPU. Options: torch.compile of the forward (`compile`), and on CUDA the whole
     step captured once as a CUDA graph (`graphs`) and replayed: the tree's ~1,000 small kernels then cost one
     launch. Captured steps need static shapes, so the last partial batch is dropped (Batches does that)."""
 
@@ -232,22 +255,25 @@ class TrainStep:
         self.graph, self.warm = None, 0
 
     def set_lr(self, lr):
+        """The step decay's learning rate (the authors' StepLR), set only when it changes: a change re-captures."""
         if any(g["lr"] != lr for g in self.opt.param_groups):
             for g in self.opt.param_groups:
                 g["lr"] = lr
             self.graph = None                                   # the learning rate is baked into a captured step
 
     def eager(self, x, x2=None):
+        """The step itself; the gradients were zeroed by the caller (outside a captured graph's region)."""
         with self.autocast():
             out = self.forward(x, x2, decode=self.decode)
-        loss = self.model.loss(out, self.alpha)
+        loss = self.model.loss(out, self.alpha)         # in float32: the model casts its outputs up under autocast
         loss.backward()
         self.opt.step()
         return loss.detach(), out["rec"].detach()
 
     def __call__(self, x, alpha, x2=None):
+        """One step on the batch x (B, C, H, W) in [0, 1] with KL weight alpha; returns (loss, rec) tensors."""
         self.alpha.fill_(alpha)
-        if self.cfg.contrastive:                                # CIFAR-10: two augmented views (SPEC 2)
+        if self.cfg.contrastive:                                # CIFAR-10: two augmented views (cifar10.yml)
             x, x2 = data.augment(x), data.augment(x)
         if not self.graphs:
             self.opt.zero_grad(set_to_none=True)
@@ -274,13 +300,15 @@ class TrainStep:
                 torch.cuda.synchronize()
                 self.opt.zero_grad(set_to_none=True)
                 return self.eager(x)
-        self.static_x.copy_(x)
+        self.static_x.copy_(x)                                  # a replay reads its inputs from fixed memory
         self.graph.replay()
         return self.static_out
 
 
 class TreeStage:
-    """The TreeVAE schedule as a small state machine, so that any point of it can be saved and resumed."""
+    """The TreeVAE schedule as a small state machine, so that any point of it can be saved and resumed.
+    State `st`: the phase (init, grow, subtree, intermediate, finetune, done), its epoch and batch, the split count,
+    the node being split and its samples, and the growth log; all plain data, saved in treevae.pt."""
 
     def __init__(self, run, cfg, device, autocast, train, val, val_labels=None):
         self.run, self.cfg, self.device, self.autocast = run, cfg, device, autocast
@@ -293,6 +321,7 @@ class TreeStage:
 
     # -- checkpoint --------------------------------------------------------------------------------------------
     def save(self):
+        """treevae.pt: the model's self-contained checkpoint plus the schedule state, RNG, run config, optimiser."""
         check_weights(self.model.state_dict(), self.path, diverged_remedy("treevae"))
         ckpt = self.model.checkpoint()
         ckpt.update(state=self.st, rng=rng_state(), run=dataclasses.asdict(self.run),
@@ -300,6 +329,7 @@ class TreeStage:
         save_atomic(ckpt, self.path)
 
     def load(self, ckpt, verb="resumed"):
+        """Continue from a treevae.pt dict; the optimiser state waits for train_phase, which builds the optimiser."""
         self.model = treevae.TreeVAE.from_checkpoint(ckpt).to(self.device)
         self.st, self.pending_opt = ckpt["state"], ckpt["optimizer"]
         set_rng_state(ckpt["rng"])
@@ -309,12 +339,15 @@ class TreeStage:
 
     # -- one phase of training ---------------------------------------------------------------------------------
     def train_phase(self, tag, epochs, images, params, decode=None):
+        """Train `params` for `epochs` on `images` (from the saved epoch and batch on), saving at every epoch end; a
+        fresh Adam per phase, as the authors' code builds one per training call. decode: see TreeVAE.forward."""
         cfg, st, run = self.cfg, self.st, self.run
         self.step = TrainStep(self.model, params, cfg, self.device, self.autocast, run.compile, run.graphs, decode)
         self.opt = self.step.opt
         if getattr(self, "pending_opt", None):                 # resuming inside this phase
             self.opt.load_state_dict(self.pending_opt)
         self.pending_opt = None
+        # a seed per phase: the batch order of any phase is reproducible alone, which makes --resume exact
         batches = data.Batches(images, None, min(cfg.batch_size, len(images)), self.device,
                                seed=run.seed * 1000 + st["phase_idx"])
         progress = Progress(run.log_every, self.path, diverged_remedy("treevae"))
@@ -343,6 +376,7 @@ class TreeStage:
 
     # -- the schedule ------------------------------------------------------------------------------------------
     def next_phase(self, phase):
+        """Enter `phase` at epoch 0 and save: a phase boundary is always a resumable point."""
         self.st.update(phase=phase, phase_idx=self.st["phase_idx"] + 1, epoch=0, step=0)
         self.save()
 
@@ -357,6 +391,7 @@ class TreeStage:
                                  diverged_remedy("treevae"))
 
     def log(self, msg):
+        """Print a growth decision and keep it in the state: metrics.json's growth_log tells how the tree grew."""
         self.st["log"].append(msg)
         print(msg, flush=True)
 
@@ -449,7 +484,7 @@ def evaluate_clustering(model, images, labels, device, source="the tree"):
     """Hard clusters argmax_l P(l|x) on held-out images -> NMI, accuracy, leaf and dendrogram purity, and each
     leaf's majority label (None for an empty leaf; sample.plot_tree writes it under the leaf). NaN probabilities
     (argmax would pick them as the largest) raise NonFiniteError naming `source`."""
-    model.eval()
+    model.eval()                                  # posterior means, frozen batch norms: deterministic clusters
     preds = []
     with torch.no_grad():
         for x, _ in data.Batches(images, None, 1024, device, shuffle=False, drop_last=False).epoch(0):
@@ -483,8 +518,10 @@ def leaf_reconstructions(tv, images, device, batch=1024):
 
 
 def leaf_condition(x_hat, leaf_probs):
-    """SPEC 5: one leaf l ~ P(l|x) per image and that leaf's reconstruction, from leaf_reconstructions' rows of the
+    """Goncalves et al.'s conditioning: one leaf l ~ P(l|x) per image (sampled, not the argmax, so that every leaf
+    learns from the images it partly explains) and that leaf's reconstruction, from leaf_reconstructions' rows of the
     batch: x_hat (B, L, C, H, W) in [0, 1], leaf_probs (B, L) -> (x_hat^(l) in [-1, 1] (B, C, H, W), l (B,))."""
+    # clamp: a probability of -1e-8 from rounding would make multinomial refuse the row
     leaf = torch.multinomial(leaf_probs.clamp(min=0), 1).squeeze(1)         # (B,)
     return x_hat[torch.arange(len(leaf), device=leaf.device), leaf] * 2 - 1, leaf
 
@@ -507,7 +544,8 @@ def ddpm_models(dcfg, tv, device, ckpt=None):
 
 def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
     """Stage 2 on the frozen tree tv (Algorithm 1 of Ho et al. with the leaf conditioning of leaf_condition);
-    ckpt: the ddpm.pt to continue (read and checked against tv by run_stages). Returns the EMA U-Net."""
+    ckpt: the ddpm.pt to continue (read and checked against tv by run_stages). Returns the EMA U-Net. (~50 lines:
+    the loop and its three save points, epoch end, every ckpt_every steps, a stop, read best in one piece.)"""
     path = os.path.join(run.out, "ddpm.pt")
     tv.eval().requires_grad_(False)
     unet, ema, diffusion, opt, st, tv_id = ddpm_models(dcfg, tv, device, ckpt)
@@ -523,9 +561,11 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
                      "ema": ema.model.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
                      "n_leaves": tv.n_leaves, "treevae_id": tv_id, "run": dataclasses.asdict(run)}, path)
 
+    # compile the forward only: the checkpoint saves unet's own state dict, whose keys compiling would prefix
     net = torch.compile(unet) if run.compile else unet
     x_hat_all, probs_all = leaf_reconstructions(tv, train_images, device)      # (N, L, C, H, W), (N, L)
-    index = torch.arange(len(train_images))                 # Batches hands out each batch's rows as its "labels"
+    # Batches hands out each batch's rows as its "labels": they index the precomputed conditioning above
+    index = torch.arange(len(train_images))
     batches = data.Batches(train_images, index, min(dcfg.batch_size, len(train_images)), device,
                            seed=run.seed * 1000 + 999)
     total = dcfg.epochs * len(batches)
@@ -562,8 +602,9 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
 
 def timed(fn, device, repeat, warmup=2):
     """Seconds per call of fn: (median, min, max) over `repeat` calls after `warmup`, device synchronised."""
+    # CUDA runs asynchronously: without a sync the clock would time the kernel launches, not the work.
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
+    for _ in range(warmup):                     # first calls pay for allocation, autotuning, compilation
         fn()
     sync()
     times = []
@@ -572,13 +613,13 @@ def timed(fn, device, repeat, warmup=2):
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2], min(times), max(times)
+    return sorted(times)[len(times) // 2], min(times), max(times)   # min/max: timing_warning's spread test
 
 
 def grown_tree(cfg, n_leaves, device):
     """A tree of n_leaves leaves grown breadth-first (10 leaves -> depth 4), the shape after growing."""
     model = treevae.TreeVAE(cfg)
-    while model.n_leaves < n_leaves:
+    while model.n_leaves < n_leaves:            # split the shallowest leaf: a balanced tree, as growth tends to be
         model.split(min(model.leaves, key=lambda l: (model.depth[l], l)))
     return model.to(device)
 
@@ -742,6 +783,8 @@ def fit_restarts(run, argv):
     with the lowest validation -ELBO at the end of fine-tuning. On the MNIST subset's `fast` runs this criterion
     ranked four seeds exactly as their test NMI did (README). Returns a summary for metrics.json; the chosen
     treevae.pt is copied to <out>."""
+    # Processes, not threads: each restart is a full train.py call (its own checkpoint, --resume works per restart),
+    # and the threads are divided so that the restarts do not oversubscribe the cores together.
     threads = max(1, torch.get_num_threads() // run.restarts)
     procs, outs = [], [os.path.join(run.out, f"restart_{k}") for k in range(run.restarts)]
     for k, out_k in enumerate(outs):
@@ -781,6 +824,8 @@ def refuse_overwrite(run, tv_path, ddpm_path):
         raise data.DataError("--resume continues the checkpoints that --overwrite would replace: give one of them")
     if run.resume:
         return
+    # stage 2 alone replaces only ddpm.pt; stage 1 replaces the tree, which leaves any ddpm.pt (and the restarts'
+    # trees) describing another tree
     paths = [ddpm_path] if run.stage == "ddpm" else [tv_path, ddpm_path] + \
         [os.path.join(run.out, f"restart_{k}", "treevae.pt") for k in range(run.restarts if run.restarts > 1 else 0)]
     found = [p for p in paths if os.path.exists(p)]
@@ -806,7 +851,8 @@ def read_ddpm(run, path, tv_ckpt, tv_path):
     afresh = f"to train stage 2 afresh on this tree, move {path} away or run " + \
         data.train_command(run, "--stage ddpm --overwrite")
     ckpt = data.read_checkpoint(path, f"put back a good copy; {afresh}", finite=("model", "ema"))
-    with torch.random.fork_rng(devices=[]):                  # building the tree must not move the seeded RNG
+    # The tree is rebuilt only to compare fingerprints; its weight initialisation must not move the seeded RNG.
+    with torch.random.fork_rng(devices=[]):
         tv = treevae.TreeVAE.from_checkpoint(tv_ckpt) if tv_ckpt is not None else None
     problem = sample.stage2_mismatch(ckpt, tv, tv_path)
     if problem:
@@ -841,10 +887,14 @@ class Interrupted(Exception):
 
 
 def main(argv=None):
+    """train.py's command line: parse and check every flag (one `error:` line before any work), then run_stages in
+    the run folder. A Ctrl-C outside a checkpointed step becomes one line (Interrupted) saying what was kept; a
+    folder this call made and left empty is removed again (data.new_folder)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     run, tv_cfg, ddpm_overrides = parse_args(argv)
     if run.threads:
         torch.set_num_threads(run.threads)              # --threads: before any work (default: torch's choice)
+    # The run folder's files and times before this call: after a Ctrl-C they tell whether anything was written.
     files = lambda: {e.name: e.stat().st_mtime_ns for e in os.scandir(run.out)} if os.path.isdir(run.out) else {}
     before, ctrl_c = files(), signal.getsignal(signal.SIGINT)   # Ctrl-C is restored at the end, whatever the
     try:                                                        # training loops installed

@@ -454,9 +454,10 @@ def train_step(model, ema, diffusion, opt, x0, cond, leaf, cfg, step):
 
 
 # ================================================================================================================
-# OPTIONAL READING: exact CPU rewrites. Nothing above needs them to be understood; each computes what the plain
-# layers compute (same parameters and state-dict keys; tests/test_ddpm.py and tests/test_fast_paths.py compare them)
-# and runs only on a CPU. On a GPU and under torch.compile the plain layers run.
+# OPTIONAL READING: exact CPU rewrites (measurements: docs/performance.md). Nothing above needs them to be
+# understood; each computes what the plain layers compute (same parameters and state-dict keys; tests/test_ddpm.py
+# and tests/test_fast_paths.py compare them) and runs only on a CPU. On a GPU and under torch.compile the plain
+# layers run.
 #   UpConv   nearest x2 upsampling + 3x3 conv as four 2x2 convs of the low-resolution input (each output phase reads
 #            two input rows with summed kernel taps): 2.25x fewer FLOPs in the up-convs; the 16 -> 32 px one,
 #            forward + backward at batch 32 on a CPU, 142 -> 88 ms.

@@ -727,7 +727,7 @@ def timing_warning(times, faster, threads):
     times: {label: (median, min, max) seconds}, as timed() returns them; faster: (a, b) label pairs where step a
     does less work than step b; threads: torch's CPU thread count, named in the advice.
     Contradiction: a's median over 1.5x b's (healthy 2-core runs: 2-leaf / 10-leaf 0.4, 2-leaf / 3-leaf 1.1).
-    Wild: a step's slowest repeat over 3x its fastest and over 50 ms apart (healthy: within 15 %, README)."""
+    Wild: a step's slowest repeat over 3x its fastest and over 50 ms apart (healthy: within 15 %, docs/performance.md)."""
     ms = lambda t: f"{t * 1e3:,.0f} ms"
     why = [f"a {a} step took {ms(times[a][0])}, longer than a {b} step ({ms(times[b][0])})"
            for a, b in faster if a in times and b in times and times[a][0] > 1.5 * times[b][0]]

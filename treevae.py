@@ -788,10 +788,11 @@ def cluster_metrics(model, pred, labels):
 
 
 # ================================================================================================================
-# OPTIONAL READING: exact CPU rewrites. Nothing above needs them to be understood: each computes the same linear
-# map as the nn.Conv2d it replaces (same parameters and state-dict keys, equal to float32 rounding, tested in
-# tests/test_fast_paths.py) and runs only on a CPU, where torch's convolutions pay a high fixed cost on the tree's
-# tiny maps and odd channel counts. Off the CPU and under torch.compile each falls back to the plain convolution.
+# OPTIONAL READING: exact CPU rewrites (measurements: docs/performance.md). Nothing above needs them to be
+# understood: each computes the same linear map as the nn.Conv2d it replaces (same parameters and state-dict keys,
+# equal to float32 rounding, tested in tests/test_fast_paths.py) and runs only on a CPU, where torch's convolutions
+# pay a high fixed cost on the tree's tiny maps and odd channel counts. Off the CPU and under torch.compile each
+# falls back to the plain convolution.
 #   MapConv        3x3 conv on an R x R map as one matrix product: a conv is a linear map, i.e. a dense matrix of
 #                  gathered kernel taps. 2-3x faster tree steps; its NHWC output makes the batch norm after it
 #                  79 instead of 379 us (forward + backward of a (256, 32, 2, 2) map, 2 threads).
@@ -878,8 +879,8 @@ class FourierConv2d(nn.Conv2d):
     forward matrices and the crop into the inverse ones, so the conv becomes a chain of small matrix products
     (transform rows and columns, one channel product per frequency, transform back) whose backward autograd
     derives. For the encoder's conv at batch 256: 0.4 instead of 1.7 GFLOP per forward, forward + backward
-    38 -> 21 ms on 2 threads (README). Same linear map, equal to float32 rounding (tests); same parameters and state
-    dict as nn.Conv2d. Off the CPU, in low precision (autocast, bf16 inputs: the transforms would lose digits), under
+    38 -> 21 ms on 2 threads (docs/performance.md). Same linear map, equal to float32 rounding (tests); same
+    parameters and state dict as nn.Conv2d. Off the CPU, in low precision (autocast, bf16 inputs: the transforms would lose digits), under
     torch.compile and for what it does not handle (stride, dilation, groups, other padding modes) the plain
     convolution runs."""
     _mats = {}                          # (H, W, kh, kw, ph, pw, device, dtype) -> the six transform matrices

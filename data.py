@@ -76,7 +76,7 @@ DATASETS = {
         channels=1, size=28, n_classes=10, likelihood="bernoulli", folder="fashion-mnist", files=_IDX_FILES,
         mirrors=["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
                  "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"],
-        checksums={  # sha256, from ../shared/data/README.md (same files as the canonical mirrors)
+        checksums={  # sha256 of the files on the mirrors below (zalandoresearch/fashion-mnist)
             "train-images-idx3-ubyte.gz": ("sha256", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
             "train-labels-idx1-ubyte.gz": ("sha256", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
             "t10k-images-idx3-ubyte.gz": ("sha256", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),

@@ -781,7 +781,7 @@ def fit_restarts(run, argv):
     """Stage 1 `run.restarts` times as child processes side by side (seeds seed, seed + 1, ...; each on its share of
     the CPU threads, --threads or torch's count; folders <out>/restart_<k>, logs beside them), then keep the tree
     with the lowest validation -ELBO at the end of fine-tuning. On the MNIST subset's `fast` runs this criterion
-    ranked four seeds exactly as their test NMI did (README). Returns a summary for metrics.json; the chosen
+    ranked six runs exactly as their test NMI did (README, Results). Returns a summary for metrics.json; the chosen
     treevae.pt is copied to <out>."""
     # Processes, not threads: each restart is a full train.py call (its own checkpoint, --resume works per restart),
     # and the threads are divided so that the restarts do not oversubscribe the cores together.

@@ -342,7 +342,7 @@ def save_all_leaves(m, path, x_hat, x, labels=None, title=""):
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * L, 0.6 + 0.55 * n * len(rows)), dpi=150)
     ax.imshow(picture, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     centers = [pad + k * (H + pad) + H / 2 for k in range(max(L, n * len(rows)))]
-    ax.set_xticks(centers[:L], [f"leaf {k}" + (f"\n({labels[k]})" if labels and labels[k] is not None else "")
+    ax.set_xticks(centers[:L], [f"leaf {k}" + (f"\n(maj. {labels[k]})" if labels and labels[k] is not None else "")
                                 for k in range(L)], fontsize=6)
     ax.set_yticks(centers[:n * len(rows)], ["TreeVAE", "refined"][:len(rows)] * n, fontsize=6)
     ax.tick_params(length=0)
@@ -421,7 +421,7 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
         ax.imshow(strip, cmap="gray", vmin=0, vmax=255, interpolation="nearest", zorder=2,
                   extent=(x[i] - cell / 2, x[i] + cell / 2, top - len(leaf_images[k]) * cell, top))
         caption = [f"leaf {k}"] + ([f"n={leaf_sizes[k]}"] if leaf_sizes else []) + \
-            ([f"label {majority[k]}"] if majority and majority[k] is not None else [])
+            ([f"majority {majority[k]}"] if majority and majority[k] is not None else [])
         ax.text(x[i], top - len(leaf_images[k]) * cell - 0.05, "\n".join(caption), fontsize=5.5, ha="center",
                 va="top")
     ax.text(sum(ax.get_xlim()) / 2, 0.35, title, fontsize=6, ha="center", va="bottom", linespacing=1.3)
@@ -528,7 +528,7 @@ def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, 
     what = "refined" if refined else "TreeVAE"
     save_tree(os.path.join(run_dir, "tree.png"), m, final[:3], metrics,
               f"3 {what} samples" + (f" ({sampler_name(m, cfg)})" if refined else ""), refined,
-              "the TreeVAE's own images: sample.py --tree --stage treevae" if refined else "")
+              f"the TreeVAE's own images: python sample.py --tree --stage treevae --run {run_dir}" if refined else "")
     save_all_leaves(m, os.path.join(run_dir, "all_leaves.png"), x_hat, x, leaf_metrics(m, metrics)[1],
                     title=all_leaves_title(m, rows, cfg, refined))
     x_hat, x, leaf = sample(m, n, "sample", cfg, g)

@@ -56,7 +56,8 @@ class RunConfig:
     treevae.TreeVAEConfig and ddpm.DDPMConfig; all three are saved in the checkpoints, so a run folder says how it
     was made and --resume needs no flags but --resume."""
     dataset: str = setting("mnist", "data set: mnist | fashion_mnist (or fashion-mnist, fmnist) | cifar10")
-    data_dir: str = setting("data", "folder holding the data files (missing ones are downloaded into it)")
+    data_dir: str = setting("data", "folder holding the data files, or its parent: DIR and DIR/<data set> "
+                                    "are looked in, missing files are downloaded into DIR/<data set>")
     preset: str = setting("paper", "schedule and model size (treevae.treevae_config, ddpm.ddpm_config): paper (the "
                           "authors') | fast (~7x shorter) | smoke (tiny models, for tests)",
                           choices=("paper", "fast", "smoke"))
@@ -92,7 +93,12 @@ class RunConfig:
 
 
 class Stop(Exception):
-    """Raised to end a call early (max_steps or Ctrl-C) after the checkpoint is written."""
+    """Raised to end a call early (max_steps or Ctrl-C) after the checkpoint is written. `code` is the exit status:
+    0 when --max-steps ended the call (it did what was asked), 130 after a Ctrl-C (as for SIGINT), so that
+    `python train.py ... && python sample.py ...` does not go on with an unfinished run."""
+    def __init__(self, message, code=0):
+        super().__init__(message)
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,7 +375,7 @@ class TreeStage:
                 if self.interrupt.requested or run.max_steps and self.steps_this_call >= run.max_steps:
                     self.save()
                     raise Stop(f"stopped in phase {st['phase']} at epoch {epoch}, batch {st['step']}; "
-                               f"continue with --resume")
+                               f"continue with --resume", code=130 if self.interrupt.requested else 0)
             st["epoch"], st["step"] = epoch + 1, 0
             self.save()
         self.opt = self.step = None
@@ -589,7 +595,8 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
                 save()
             if interrupt.requested or run.max_steps and steps_this_call >= run.max_steps:
                 save()
-                raise Stop(f"stopped the DDPM at epoch {epoch}, batch {st['step']}; continue with --resume")
+                raise Stop(f"stopped the DDPM at epoch {epoch}, batch {st['step']}; continue with --resume",
+                           code=130 if interrupt.requested else 0)
         st["epoch"], st["step"] = epoch + 1, 0
         save()
     save()
@@ -799,13 +806,14 @@ def fit_restarts(run, argv):
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:                    # the children got the Ctrl-C too: let them save, then stop
         codes = [p.wait() for p in procs]
-        raise Stop("stopped the restarts; continue with --resume")
+        raise Stop("stopped the restarts; continue with --resume", code=130)
     results = []
     for k, (code, out_k) in enumerate(zip(codes, outs)):
         path = os.path.join(out_k, "treevae.pt")
         st = read_treevae(run, path)["state"] if os.path.exists(path) else {}
         if code != 0 or st.get("phase") != "done":
-            raise Stop(f"restart {k} did not finish (exit code {code}; see {out_k}.log); continue with --resume")
+            raise Stop(f"restart {k} did not finish (exit code {code}; see {out_k}.log); continue with --resume",
+                       code=code if code in (0, 130) else 1)      # 0: its --max-steps ended it, as asked
         m = os.path.join(out_k, "metrics.json")                        # reported, never used to choose
         nmi = data.read_json(m, f"delete it (see {out_k}.log)")["treevae"]["nmi"] if os.path.exists(m) else None
         results.append({"restart": k, "seed": run.seed + k, "val_elbo": st["val_elbo"], "test_nmi": nmi})
@@ -1030,6 +1038,7 @@ if __name__ == "__main__":
         main()
     except Stop as e:
         print(e)
+        sys.exit(e.code)
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)

@@ -655,6 +655,17 @@ def test_ctrl_c_while_planning_is_one_line_and_leaves_no_folder(data_dir, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_ctrl_c_in_training_saves_and_exits_130(data_dir, tmp_path):
+    """Ctrl-C during a training step: the checkpoint is written, the last line says how to continue, and the exit
+    status is 130 (not 0), so a following `&& sample.py` does not run on an unfinished run."""
+    out = tmp_path / "run"
+    code, text = interrupt_when("[init] epoch", "train.py", *SMOKE, "--data-dir", data_dir, "--out", out,
+                                "--plan", "false", "--log-every", "1")
+    assert code == 130 and "Traceback" not in text, text[-2000:]
+    assert text.splitlines()[-1].startswith("stopped in phase init at epoch 0, batch "), text[-2000:]
+    assert text.splitlines()[-1].endswith("continue with --resume") and (out / "treevae.pt").exists()
+
+
 def test_ctrl_c_elsewhere_is_one_line(data_dir, run, tmp_path, monkeypatch, capsys):
     """Loading data (train.py), sampling (sample.py), features (fid.py), timing (bench.py): Ctrl-C gives one line
     and exit code 130, no traceback; a run folder that existed before is kept, with the command to continue."""

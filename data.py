@@ -143,6 +143,53 @@ def setup_device(name, precision="auto"):
     return dev, autocast
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# Under torchrun, K processes train together (train.py's distributed section): every one forms the same global batch
+# (the same permutation, from the shared seed) and keeps its rows, b = B / K of them. These two helpers are what the
+# models need of that; with one process (no process group) they are the identity and plain draws.
+def world():
+    """(rank, K): this process's index and the number of processes training together; (0, 1) without torchrun,
+    and inside alone()."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _alone:
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+_alone = False
+
+
+@contextlib.contextmanager
+def alone():
+    """A block where world() is (0, 1): what rank 0 measures by itself (train.py's planner) runs as one process,
+    with no all-reduce that the other processes would have to join."""
+    global _alone
+    _alone = True
+    try:
+        yield
+    finally:
+        _alone = False
+
+
+def my_rows(t):
+    """This process's shard of a global-batch tensor: rows r b .. (r + 1) b - 1 of t (K b, ...), b = len(t) / K.
+    The K shards are disjoint and cover the global batch, in rank order."""
+    rank, K = world()
+    b = len(t) // K
+    return t if K == 1 else t[rank * b:(rank + 1) * b]
+
+
+def batch_random(fill, shape, dtype=torch.float32, device="cpu", memory_format=torch.contiguous_format):
+    """Random numbers for this process's b rows (shape (b, ...)) of the global batch: fill (an in-place sampler,
+    e.g. lambda u: u.normal_()) fills the whole global batch's tensor (K b, ...), and this process keeps its rows
+    (my_rows). Every process holds the same RNG state (same seed, same draws), so the K shards get the numbers that
+    one process draws for the same global batch: the run does not depend on K (up to the rounding of the sums over
+    processes), and --resume may change K. The price is K x the draws, small beside the convolutions they feed.
+    With one process this is exactly torch.randn(shape) / rand_like / randint (each is empty(...).fill)."""
+    K = world()[1]
+    u = torch.empty((K * shape[0], *shape[1:]), dtype=dtype, device=device, memory_format=memory_format)
+    return my_rows(fill(u))
+
+
 # ----------------------------------------------------------------------------- loading
 def load(name, split="train", root="data", download=True, mirrors=None):
     """(images uint8 (N, C, H, W), labels int64 (N,)) of one split, downloading missing files if allowed.

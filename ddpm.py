@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import setting
+from data import batch_random, setting, world
 
 
 class DDPMError(Exception):
@@ -188,8 +188,10 @@ class Diffusion:
 
     def loss(self, model, x0, cond=None, leaf=None):
         """Algorithm 1 / Eq. 14: MSE between the noise and its prediction, t ~ Uniform{1..T}. Scalar."""
-        t = torch.randint(0, self.cfg.T, (x0.shape[0],), device=x0.device)      # (B,)  Alg. 1 line 3
-        noise = torch.randn_like(x0)                                             # (B, C, H, W)  line 4
+        # Under torchrun x0 is this process's shard of the global batch, and t and eps are its rows of the global
+        # batch's draws (data.batch_random); with one process these are torch.randint and torch.randn_like.
+        t = batch_random(lambda u: u.random_(0, self.cfg.T), (x0.shape[0],), torch.long, x0.device)  # (B,) line 3
+        noise = batch_random(lambda u: u.normal_(), x0.shape, x0.dtype, x0.device)    # (B, C, H, W)  line 4
         eps_pred = model(self.q_sample(x0, t, noise), t, cond, leaf)             # line 5's eps_theta(x_t, t)
         # Under bf16 autocast the U-Net returns bf16; the loss itself is computed in float32.
         return F.mse_loss(eps_pred.float(), noise.float())
@@ -499,6 +501,9 @@ def dropout(h, p, training):
     """F.dropout, but on CPU written out: torch's CPU bernoulli_ is ~4x slower than rand_like (measured)."""
     if not training or p == 0:
         return h
+    if world()[1] > 1:         # torchrun: this process's rows of the global batch's mask (data.batch_random)
+        fmt = torch.channels_last if h.dim() == 4 and not h.is_contiguous() else torch.contiguous_format
+        return h * batch_random(lambda u: u.uniform_(), h.shape, h.dtype, h.device, fmt).ge_(p).div_(1 - p)
     if h.is_cuda:
         return F.dropout(h, p, True)                                   # one fused kernel on the GPU
     return h * torch.rand_like(h).ge_(p).div_(1 - p)                   # keep w.p. 1 - p, scale by 1/(1 - p)

@@ -29,7 +29,9 @@ into a folder holding checkpoints refuses (--resume continues them, --overwrite 
 metrics.json and samples.npz record the fingerprints of the weights they were made from, and a NaN/inf loss
 stops training before it is saved over the last good checkpoint.
 """
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -42,6 +44,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import ddpm
@@ -163,15 +168,20 @@ def save_atomic(obj, path):
 
 def rng_state():
     """Every random stream a resumed run must continue: torch's CPU generator (batch order, noise on the CPU) and
-    each GPU's. Saved in every checkpoint, so --resume draws the same numbers an uninterrupted run would."""
+    each GPU's. Saved in every checkpoint, so --resume draws the same numbers an uninterrupted run would. With
+    several processes it is rank 0's, equal to every process's (the same draws), but for the GPUs: process r draws
+    on cuda:r, so "cuda" holds rank 0's advanced cuda:0 stream and the untouched others."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
-    """Restore rng_state()'s streams (the GPU ones only where a GPU is visible: a CUDA run resumes on a CPU too)."""
+    """Restore rng_state()'s streams (the GPU ones only where a GPU is visible: a CUDA run resumes on a CPU too).
+    With several processes, each one's GPU continues the stream that training advanced (see rng_state)."""
     torch.set_rng_state(state["cpu"].cpu())   # a checkpoint loaded onto the GPU moves it
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        if data.world()[1] > 1:               # rank 0 trained on cuda:0 (LOCAL_RANK 0): its stream is everyone's
+            torch.cuda.set_rng_state(state["cuda"][0].cpu())   # on this process's device (start_processes)
 
 
 class Progress:
@@ -195,6 +205,7 @@ class Progress:
         dt = max(time.time() - self.t0, 1e-9)
         # ETA from the mean rate so far: step times are steady within a phase (fixed shapes, fixed tree)
         eta = (total - step) * dt / max(step, 1) if step else 0.0
+        terms = mean_over_processes(terms)                    # several processes: the global batch's figures
         values = {k: float(v) for k, v in terms.items()}                   # the host sync happens only here
         loss = " ".join(f"{k} {v:.3f}" for k, v in values.items())
         print(f"{tag} step {step}/{total} | {loss} | {self.seen / dt:.0f} img/s | ETA {eta / 60:.1f} min",
@@ -240,6 +251,196 @@ class Interrupt:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): both stages data-parallel, with one process's results at the same global batch.
+#
+# `torchrun --nproc_per_node K train.py ...` starts K copies of this script (RANK, LOCAL_RANK, WORLD_SIZE and the
+# rendezvous address in their environment); start_processes joins them into one process group: NCCL between GPUs
+# (one per process, cuda:LOCAL_RANK), Gloo on CPUs. A plain `python train.py` has no WORLD_SIZE and starts nothing.
+# - The global batch: every process seeds the same (run.seed), so it draws the same epoch permutation (data.Batches),
+#   forms the same global batch of B images and keeps rows r b .. (r + 1) b - 1, b = B / K (data.my_rows): K
+#   disjoint shards that cover the batch. A process's loss is its shard's mean, and DistributedDataParallel averages
+#   the gradients over the processes during backward: (1/K) sum_r grad(mean over shard r) = grad(mean over the
+#   batch), the one-process gradient (which is why B must divide by K: equal shards).
+# - Batch norm: a TreeVAE batch norm normalises by its batch's mean and variance, so per-shard statistics would
+#   change the model and its gradients with K. SyncBatchNorm (below) sums every layer's statistics over the
+#   processes and normalises by the global batch's, as one process does. (The DDPM's GroupNorm is per image.)
+# - Randomness: the processes keep one RNG state between them; the noise (the TreeVAE's eps, the DDPM's t, eps and
+#   dropout masks, the leaf l ~ P(l|x), CIFAR-10's augmentations) is drawn for the whole global batch and each
+#   process keeps its rows (data.batch_random), so every image gets the numbers it gets in one process,
+#   reproducibly per rank, and the run does not depend on K up to the rounding of the sums over processes.
+# - Identical weights: the processes start from the same weights (same seed; DDP also broadcasts rank 0's) and apply
+#   the same averaged gradients with the same Adam, so the weights, the DDPM's EMA (an average of identical weights)
+#   and the batch-norm statistics (from the same global sums) stay identical everywhere without being sent.
+# - Growth decisions: the training set's leaf probabilities are computed once, on rank 0, and broadcast
+#   (TreeStage.leaf_probs); the split choice and pruning are deterministic functions of them, hence identical.
+# - Rank 0 alone prints and writes checkpoints, metrics and figures. A checkpoint holds every process's state (they
+#   are equal), so --resume loads it on every process, with any K that divides the batch sizes.
+
+def start_processes(run):
+    """Join torchrun's process group when this is one of K > 1 processes (WORLD_SIZE); returns K. Sets run.device
+    to the process's own GPU (cuda:LOCAL_RANK) on CUDA; ranks > 0 print nothing (their stdout goes to devnull)."""
+    K = int(os.environ.get("WORLD_SIZE", "1"))
+    if K == 1:
+        return 1
+    dev = data.device(run.device)
+    if dev.type == "mps":
+        raise data.DataError("torchrun needs --device cuda (NCCL) or --device cpu (Gloo), not mps")
+    if dev.type == "cuda":
+        run.device = f"cuda:{os.environ['LOCAL_RANK']}"          # one GPU per process on each node
+        torch.cuda.set_device(torch.device(run.device))
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    global CPU_GROUP    # the per-step stop flag is a CPU integer: a Gloo group beside NCCL, so it costs no GPU sync
+    CPU_GROUP = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")
+    return K
+
+
+CPU_GROUP = None
+
+
+def check_processes(K, run, tv_cfg, dcfg):
+    """A one-line error, before any work, for what K processes cannot do: a batch that does not split into K equal
+    shards (the averaged gradient is the batch's only for equal shards), CUDA graphs (they cannot capture the
+    all-reduce), --restarts (each restart is its own run). dcfg: the DDPM config stage 2 will train, or None."""
+    for name, cfg, flag in (("TreeVAE", tv_cfg, "--treevae-batch-size"), ("DDPM", dcfg, "--ddpm-batch-size")):
+        if cfg is not None and cfg.batch_size % K:
+            how = f"resume with a number of processes that divides {cfg.batch_size}" if run.resume else \
+                f"use a number of processes that divides it, or a {flag} that {K} divides"
+            raise data.DataError(f"the {name} batch of {cfg.batch_size} does not split into {K} equal shards, one "
+                                 f"per process: {how}")
+    if run.graphs:
+        raise data.DataError("--graphs cannot capture the all-reduce of several processes: drop it under torchrun")
+    if run.restarts > 1:
+        raise data.DataError("--restarts runs its restarts as processes of its own: drop it under torchrun, or run "
+                             "the restarts with plain python")
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """y = sum over the processes of x (an all-reduce), differentiable: d y / d x_r = 1 for every process's y, so the
+    gradient of x_r is the sum of the processes' output gradients, again an all-reduce."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm:
+    """Batch norm over the global batch: in training, each layer's per-channel sums of x and x^2 and the count of
+    this process's shard are summed over the processes (one all-reduce of 2C + 1 numbers forward, one backward:
+    SumOverProcesses), which gives the mean and biased variance
+    one process computes over the whole batch, and the same running statistics. In eval mode, or with one process,
+    it is nn.BatchNorm. Ours, not torch.nn.SyncBatchNorm: that one refuses CPU tensors, and the tests compare the
+    CPU path with one process. sync_batchnorm makes a model's BatchNorm1d/2d layers into these in place."""
+
+    def forward(self, x):                                 # x (B, C) or (B, C, H, W)
+        if not self.training or data.world()[1] == 1:
+            return super().forward(x)
+        C, dims, shape = x.shape[1], [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+        # The sums are taken of x - c, c the running mean (the same on every process): E[(x-c)^2] - E[x-c]^2 then
+        # keeps its digits where the mean is large beside the spread.
+        c = self.running_mean.clone()
+        xc = x.float() - c.view(shape)
+        n = xc.new_full((1,), xc.numel() // C)
+        sums = SumOverProcesses.apply(torch.cat([xc.sum(dims), (xc * xc).sum(dims), n]))   # (2C + 1,)
+        N, mean_c = sums[-1], sums[:C] / sums[-1]
+        var = sums[C:2 * C] / N - mean_c ** 2                                      # (C,) biased, as BatchNorm
+        with torch.no_grad():                    # as nn.BatchNorm: momentum, the unbiased variance
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(c + mean_c, m)
+            self.running_var.lerp_(var * N / (N - 1), m)
+        y = (xc - mean_c.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+
+class SyncBatchNorm1d(SyncBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class SyncBatchNorm2d(SyncBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+def sync_batchnorm(model):
+    """With several processes, turn model's BatchNorm1d/2d layers into SyncBatchNorm ones in place (same parameters,
+    buffers and state-dict keys, so checkpoints do not change); layers a split adds later are turned at the next
+    phase. Returns model."""
+    if data.world()[1] > 1:
+        for m in model.modules():
+            if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+                m.__class__ = SyncBatchNorm1d if type(m) is nn.BatchNorm1d else SyncBatchNorm2d
+    return model
+
+
+def data_parallel(model, device):
+    """model in DistributedDataParallel with several processes (its gradients are averaged over the processes during
+    backward), else model itself. Buffers are not broadcast before every forward: the batch-norm statistics are
+    equal on every process already (SyncBatchNorm)."""
+    if data.world()[1] == 1:
+        return model
+    # the flag's name since torch 2.13 (broadcast_buffers, older, still works there but warns)
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{quiet: False})
+
+
+def any_rank(flag):
+    """True on every process when flag is on any: Ctrl-C reaches the processes at slightly different steps, and all
+    must stop after the same one (a process that went on would wait forever in the next all-reduce). One integer
+    over the CPU group every step, a few microseconds; no GPU sync."""
+    if data.world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=CPU_GROUP)
+    return bool(t)
+
+
+def mean_over_processes(terms):
+    """{name: number or device tensor} averaged over the processes (the printed loss is the global batch's mean,
+    and a NaN on any process stops all of them at the same line); unchanged with one process."""
+    K = data.world()[1]
+    if K == 1:
+        return terms
+    dev = next(v.device for v in terms.values() if torch.is_tensor(v))
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=dev).reshape(()) for v in terms.values()])
+    dist.all_reduce(vec)
+    return dict(zip(terms, (vec / K).tolist()))
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the other processes: rank 0 may download the data files that the others then find.
+    The others' notes on stderr are dropped: rank 0 has said them."""
+    rank, K = data.world()
+    if not rank:
+        out = fn()
+        if K > 1:
+            dist.barrier()
+        return out
+    dist.barrier()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        return fn()
+
+
+def allreduce_bytes(model, params):
+    """Bytes all-reduced per training step with several processes (bench.py reports them): the float32 gradients of
+    `params` (DDP's buckets) and, for each batch norm in training mode, its 2C + 1 statistics in the forward pass and
+    their gradients in the backward pass (SyncBatchNorm). Each process sends and receives about 2 (K - 1)/K times
+    this in a ring all-reduce."""
+    bn = sum(2 * (2 * m.num_features + 1) * 4 for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
+    return sum(p.numel() * p.element_size() for p in params) + bn
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage 1: grow the TreeVAE
 
 class TrainStep:
@@ -256,7 +457,9 @@ class TrainStep:
         self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                     capturable=self.graphs)
         # A captured graph already removes the launch overhead that compiling would save: compile only eager steps.
-        self.forward = torch.compile(model) if compile and not self.graphs else model
+        # With several processes the forward runs in DistributedDataParallel (gradients averaged over processes).
+        net = data_parallel(model, device)
+        self.forward = torch.compile(net) if compile and not self.graphs else net
         self.alpha = torch.zeros((), device=device)             # a tensor, so a captured graph reads its value
         self.graph, self.warm = None, 0
 
@@ -277,10 +480,12 @@ class TrainStep:
         return loss.detach(), out["rec"].detach()
 
     def __call__(self, x, alpha, x2=None):
-        """One step on the batch x (B, C, H, W) in [0, 1] with KL weight alpha; returns (loss, rec) tensors."""
+        """One step on the batch x (B, C, H, W) in [0, 1] with KL weight alpha; returns (loss, rec) tensors. With
+        several processes x is the global batch and each process steps on its shard (data.my_rows)."""
         self.alpha.fill_(alpha)
         if self.cfg.contrastive:                                # CIFAR-10: two augmented views (cifar10.yml)
-            x, x2 = data.augment(x), data.augment(x)
+            x, x2 = data.augment(x), data.my_rows(data.augment(x))   # the global batch's draws, as one process
+        x = data.my_rows(x)
         if not self.graphs:
             self.opt.zero_grad(set_to_none=True)
             return self.eager(x, x2)
@@ -328,6 +533,8 @@ class TreeStage:
     # -- checkpoint --------------------------------------------------------------------------------------------
     def save(self):
         """treevae.pt: the model's self-contained checkpoint plus the schedule state, RNG, run config, optimiser."""
+        if data.world()[0]:                                    # rank 0 writes; the others hold the same state
+            return
         check_weights(self.model.state_dict(), self.path, diverged_remedy("treevae"))
         ckpt = self.model.checkpoint()
         ckpt.update(state=self.st, rng=rng_state(), run=dataclasses.asdict(self.run),
@@ -348,6 +555,7 @@ class TreeStage:
         """Train `params` for `epochs` on `images` (from the saved epoch and batch on), saving at every epoch end; a
         fresh Adam per phase, as the authors' code builds one per training call. decode: see TreeVAE.forward."""
         cfg, st, run = self.cfg, self.st, self.run
+        sync_batchnorm(self.model)                             # several processes: global-batch statistics
         self.step = TrainStep(self.model, params, cfg, self.device, self.autocast, run.compile, run.graphs, decode)
         self.opt = self.step.opt
         if getattr(self, "pending_opt", None):                 # resuming inside this phase
@@ -372,7 +580,7 @@ class TreeStage:
                 self.steps_this_call += 1
                 progress(f"[{tag}] epoch {epoch + 1}/{epochs}", epoch * len(batches) + st["step"], total, len(x),
                          {"loss": loss, "rec": rec, "alpha": alpha})
-                if self.interrupt.requested or run.max_steps and self.steps_this_call >= run.max_steps:
+                if any_rank(self.interrupt.requested) or run.max_steps and self.steps_this_call >= run.max_steps:
                     self.save()
                     raise Stop(f"stopped in phase {st['phase']} at epoch {epoch}, batch {st['step']}; "
                                f"continue with --resume", code=130 if self.interrupt.requested else 0)
@@ -387,13 +595,19 @@ class TreeStage:
         self.save()
 
     def leaf_probs(self, images):
-        """P(l|x) for a whole image set, deterministic (eval mode, no decoders needed)."""
+        """P(l|x) for a whole image set, deterministic (eval mode, no decoders needed). With several processes rank
+        0 computes them and broadcasts them, so every growth decision made from them is the same everywhere."""
         self.model.eval()
-        out = []
-        with torch.no_grad():
-            for x, _ in data.Batches(images, None, 1024, self.device, shuffle=False, drop_last=False).epoch(0):
-                out.append(self.model(x, sample=False, decode=[])["leaf_probs"].float())
-        return data.check_finite(torch.cat(out), f"the leaf probabilities of the tree in {self.path}",
+        rank, K = data.world()
+        probs = torch.empty(len(images), self.model.n_leaves, device=self.device)        # (N, n_leaves)
+        if not rank:
+            with torch.no_grad():
+                for k, (x, _) in enumerate(data.Batches(images, None, 1024, self.device, shuffle=False,
+                                                        drop_last=False).epoch(0)):
+                    probs[k * 1024:k * 1024 + len(x)] = self.model(x, sample=False, decode=[])["leaf_probs"]
+        if K > 1:
+            dist.broadcast(probs, 0)
+        return data.check_finite(probs, f"the leaf probabilities of the tree in {self.path}",
                                  diverged_remedy("treevae"))
 
     def log(self, msg):
@@ -561,14 +775,18 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
     remedy = diverged_remedy("ddpm")
 
     def save():
+        if data.world()[0]:                                    # rank 0 writes; the others hold the same state
+            return
         check_weights({**unet.state_dict(), **{"ema." + k: v for k, v in ema.model.state_dict().items()}}, path,
                       remedy)
         save_atomic({"version": treevae.VERSION, "config": dataclasses.asdict(dcfg), "model": unet.state_dict(),
                      "ema": ema.model.state_dict(), "optimizer": opt.state_dict(), "state": st, "rng": rng_state(),
                      "n_leaves": tv.n_leaves, "treevae_id": tv_id, "run": dataclasses.asdict(run)}, path)
 
-    # compile the forward only: the checkpoint saves unet's own state dict, whose keys compiling would prefix
-    net = torch.compile(unet) if run.compile else unet
+    # compile the forward only: the checkpoint saves unet's own state dict, whose keys compiling (and DDP, with
+    # several processes) would prefix
+    net = data_parallel(unet, device)
+    net = torch.compile(net) if run.compile else net
     x_hat_all, probs_all = leaf_reconstructions(tv, train_images, device)      # (N, L, C, H, W), (N, L)
     # Batches hands out each batch's rows as its "labels": they index the precomputed conditioning above
     index = torch.arange(len(train_images))
@@ -583,17 +801,20 @@ def train_ddpm(run, dcfg, tv, device, autocast, train_images, ckpt=None):
             if st["global_step"] >= total:
                 break
             cond, leaf = leaf_condition(x_hat_all[rows], probs_all[rows])
+            # several processes: x, rows are the global batch (the leaves drawn for all of it, as one process does);
+            # each process trains on its shard
+            x, cond, leaf = data.my_rows(x), data.my_rows(cond), data.my_rows(leaf)
             with autocast():
                 loss = ddpm.train_step(net, ema, diffusion, opt, x * 2 - 1, cond if dcfg.cond_image else None,
                                        leaf if dcfg.n_leaves else None, dcfg, st["global_step"])
             st["step"] += 1
             st["global_step"] += 1
             steps_this_call += 1
-            progress(f"[ddpm] epoch {epoch + 1}/{dcfg.epochs}", st["global_step"], total, len(x),
+            progress(f"[ddpm] epoch {epoch + 1}/{dcfg.epochs}", st["global_step"], total, len(rows),
                      {"loss": loss})
             if st["global_step"] % run.ckpt_every == 0:
                 save()
-            if interrupt.requested or run.max_steps and steps_this_call >= run.max_steps:
+            if any_rank(interrupt.requested) or run.max_steps and steps_this_call >= run.max_steps:
                 save()
                 raise Stop(f"stopped the DDPM at epoch {epoch}, batch {st['step']}; continue with --resume",
                            code=130 if interrupt.requested else 0)
@@ -632,13 +853,15 @@ def grown_tree(cfg, n_leaves, device):
 
 
 def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, repeat=3, tree=True,
-         sample_steps=None, fid_samples=0, n_leaves=None):
+         sample_steps=None, fid_samples=0, n_leaves=None, procs=1):
     """Predict each phase's wall time from measured step times (RNG forked: training is unaffected).
     tree=False plans stage 2 only; dcfg=None plans stage 1 only. The end-of-run figures (make_figures: 64 samples
     and 4 per leaf) and FID sample with sample_steps U-Net calls per image (default T: the ancestral sampler).
     n_leaves: the stage-2 tree's leaf count when it exists already (default: the leaf budget max_leaves).
     On a CPU, step times that contradict each other or vary wildly between repeats add timing_warning's line.
-    Returns {phase: seconds}."""
+    procs: the number of processes training together (torchrun), each on 1/procs of every batch: the training
+    phases take 1/procs of one process's time, an optimistic figure (the all-reduce is not timed, and a smaller
+    batch may use a GPU less well); the figures are rank 0's alone. Returns {phase: seconds}."""
     what = " and ".join(["TreeVAE"] * tree + ["DDPM"] * (dcfg is not None))
     print(f"planning: timing a few {what} steps on {device} to predict each phase's duration (seconds to ~2 min "
           f"on a CPU; --plan false skips this)", flush=True)
@@ -652,9 +875,12 @@ def plan(tv_cfg, dcfg, n_train, device, autocast, compile=False, graphs=False, r
         if dcfg is not None:                       # one DDPM step, with the TreeVAE leaf reconstructions it needs
             steps += _plan_ddpm(phases, times, tv_cfg, dcfg, n_train, L, shape, device, autocast, repeat,
                                 sample_steps, fid_samples)
+    phases = {k: v if k == "figures" else v / procs for k, v in phases.items()}
     total = sum(phases.values())
     print("plan: " + " | ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) +
-          f" | total {total / 3600:.2f} h on {device} (steps: {', '.join(steps)})", flush=True)
+          f" | total {total / 3600:.2f} h on {device} (steps: {', '.join(steps)})" +
+          (f" | training divided by {procs} processes (all-reduce not timed; bench.py gives its bytes per step)"
+           if procs > 1 else ""), flush=True)
     # Pairs (a, b) where a step a does a subset of step b's work (the 2-leaf tree and a subtree step are parts of
     # the L-leaf step; sampling is the training step's forward pass alone), so a must not take longer than b.
     # "subtree slower than 2 leaves" is no such pair: on a GPU, and for CIFAR-10 on a CPU, it is the normal case.
@@ -902,11 +1128,24 @@ def main(argv=None):
     run, tv_cfg, ddpm_overrides = parse_args(argv)
     if run.threads:
         torch.set_num_threads(run.threads)              # --threads: before any work (default: torch's choice)
+    try:
+        if start_processes(run) > 1:                    # under torchrun: join the other processes
+            print(f"torchrun: {dist.get_world_size()} processes ({dist.get_backend()}), each training on 1/"
+                  f"{dist.get_world_size()} of every batch; rank 0 prints and writes")
+        _main(run, tv_cfg, ddpm_overrides, argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(run, tv_cfg, ddpm_overrides, argv):
+    """main's body, inside the process group of torchrun's processes if there is one."""
     # The run folder's files and times before this call: after a Ctrl-C they tell whether anything was written.
     files = lambda: {e.name: e.stat().st_mtime_ns for e in os.scandir(run.out)} if os.path.isdir(run.out) else {}
     before, ctrl_c = files(), signal.getsignal(signal.SIGINT)   # Ctrl-C is restored at the end, whatever the
     try:                                                        # training loops installed
-        with data.new_folder(run.out):      # removed again if this call ends (error, Ctrl-C) before writing there
+        # removed again if this call ends (error, Ctrl-C) before writing there; rank 0 alone makes it and writes
+        with data.new_folder(run.out) if not data.world()[0] else contextlib.nullcontext():
             run_stages(run, tv_cfg, ddpm_overrides, argv)
     except KeyboardInterrupt:
         if files() == before:
@@ -926,8 +1165,9 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
     refuse_overwrite(run, tv_path, ddpm_path)          # before anything is read or trained
     torch.manual_seed(run.seed)
     device, autocast = data.setup_device(run.device, run.precision)
-    images, labels = data.load(run.dataset, "train", run.data_dir)
-    test_images, test_labels = data.load(run.dataset, "test", run.data_dir)
+    (images, labels), (test_images, test_labels) = rank0_first(lambda: [data.load(run.dataset, split, run.data_dir)
+                                                                       for split in ("train", "test")])
+    lead, K = data.world()[0] == 0, data.world()[1]     # rank 0 writes (and with one process, it is rank 0)
     # What this call continues from, read and checked before any training or timing: a damaged file, NaN weights
     # or a ddpm.pt trained on another tree is one line (and the files stay as they are).
     fresh1 = not run.resume and run.stage != "ddpm"     # stage 1 from scratch: the old files are not needed
@@ -945,22 +1185,31 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
         os.path.exists(ddpm_path) else None
     metrics = data.read_json(metrics_path, "move it away (this run writes a new one)") \
         if os.path.exists(metrics_path) and not fresh1 else {}
-    if run.plan and not run.resume:
+    if K > 1:                                           # what K processes cannot do, before any work
+        dcfg = None if run.stage == "treevae" else ddpm.DDPMConfig(**dm_ckpt["config"]) if dm_ckpt else \
+            dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset), **ddpm_overrides)
+        check_processes(K, run, tv_cfg if run.stage != "ddpm" else None, dcfg)
+    if run.plan and not run.resume and lead:
         print_plan(run, tv_cfg, ddpm_overrides, tv_ckpt, len(train_idx), device, autocast)
     stage1 = TreeStage(run, tv_cfg, device, autocast, images[train_idx], images[val_idx], labels[val_idx])
     if run.stage in ("treevae", "all"):
         restarts = run_stage1(run, stage1, tv_path, ddpm_path, fresh1, tv_ckpt, argv)
-        metrics["treevae"] = stage1_metrics(stage1.model, stage1.st["log"], test_images, test_labels, device,
-                                            tv_path)
-        if restarts:
-            metrics["treevae"]["restarts"] = restarts
-        data.write_json(metrics_path, metrics)
+        if lead:
+            metrics["treevae"] = stage1_metrics(stage1.model, stage1.st["log"], test_images, test_labels, device,
+                                                tv_path)
+            if restarts:
+                metrics["treevae"]["restarts"] = restarts
+            data.write_json(metrics_path, metrics)
+        if K > 1:
+            dist.barrier()                              # treevae.pt is written before the others read it
     if run.stage != "ddpm":                             # stage 1 ran above: read the checkpoint it wrote
         tv_ckpt = finished_stage1(run, tv_path, read_treevae(run, tv_path))
     tv = treevae.TreeVAE.from_checkpoint(tv_ckpt).to(device)
     if run.stage in ("ddpm", "all"):
         run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, images[train_idx], test_images, test_labels,
                    device, autocast, tv_path, metrics_path)
+    if not lead:                                        # the figures and the FID are rank 0's
+        return
     # The figures (tree.png and the sample grids) and the FID come from sample.py. DDIM steps and eta: those saved
     # in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults.
     sample.make_figures(run.out, device=device, metrics=metrics, sampler=run.sampler)
@@ -988,10 +1237,12 @@ def print_plan(run, tv_cfg, ddpm_overrides, tv_ckpt, n_train, device, autocast):
     saved = treevae.TreeVAE.from_checkpoint(tv_ckpt) if run.stage == "ddpm" else None   # stage 2's tree
     dcfg_plan = None if run.stage == "treevae" else dataclasses.replace(   # the U-Net the run will train
         ddpm.ddpm_config(run.dataset, run.preset, tv_cfg.max_leaves), **ddpm_overrides)
-    phases = plan(saved.cfg if saved else tv_cfg, dcfg_plan, n_train, device, autocast, run.compile,
-                  run.graphs, tree=run.stage != "ddpm", fid_samples=run.fid_samples,
-                  sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim"
-                  else None, n_leaves=saved.n_leaves if saved else None)
+    K = data.world()[1]
+    with data.alone():                   # timed by rank 0 alone, as one process; then divided by the processes
+        phases = plan(saved.cfg if saved else tv_cfg, dcfg_plan, n_train, device, autocast, run.compile,
+                      run.graphs, tree=run.stage != "ddpm", fid_samples=run.fid_samples,
+                      sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim"
+                      else None, n_leaves=saved.n_leaves if saved else None, procs=K)
     warning = long_run_warning(phases, run, tv_cfg, dcfg_plan, device)
     if warning:
         print(warning, flush=True)
@@ -1000,7 +1251,7 @@ def print_plan(run, tv_cfg, ddpm_overrides, tv_ckpt, n_train, device, autocast):
 def run_stage1(run, stage1, tv_path, ddpm_path, fresh1, tv_ckpt, argv):
     """Stage 1 into tv_path: fit stage1 (resumed from tv_ckpt with --resume), or run --restarts copies side by side
     and load the chosen one. Returns the restarts' summary for metrics.json, or None."""
-    if fresh1 and os.path.exists(ddpm_path):        # --overwrite (refuse_overwrite): it belongs to the old tree
+    if fresh1 and os.path.exists(ddpm_path) and not data.world()[0]:   # --overwrite: it belongs to the old tree
         os.remove(ddpm_path)
         print(f"--overwrite: removed {ddpm_path} (trained on the stage 1 that this run replaces)")
     if run.restarts > 1:                             # the chosen restart becomes this run's stage 1
@@ -1020,7 +1271,8 @@ def run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, train_images,
     """Stage 2 on the finished tree tv: metrics.json's stage-1 section made to describe tv first (the figures
     label the leaves with it), then the DDPM, fresh or continued from dm_ckpt."""
     tv_id, section = data.fingerprint(tv.state_dict()), metrics.get("treevae")
-    if section is None or section.get("treevae_id", tv_id) != tv_id:   # absent, or of another tree: this one's
+    # absent, or of another tree: this one's (rank 0's to compute, print and save)
+    if not data.world()[0] and (section is None or section.get("treevae_id", tv_id) != tv_id):
         if section is not None:
             print(f"note: {metrics_path} describes other stage-1 weights than {tv_path}; recomputing them")
         metrics["treevae"] = stage1_metrics(tv, tv_ckpt["state"]["log"], test_images, test_labels, device, tv_path)
@@ -1034,14 +1286,17 @@ def run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, train_images,
 
 
 if __name__ == "__main__":
+    # Under torchrun every process meets the same user error or Ctrl-C: rank 0 alone says it (RANK is set before
+    # the process group exists, so this holds for the command line's errors too).
+    say = sys.stderr if os.environ.get("RANK", "0") == "0" else open(os.devnull, "w")
     try:
         main()
     except Stop as e:
         print(e)
         sys.exit(e.code)
     except Interrupted as e:
-        print(e, file=sys.stderr)
+        print(e, file=say)
         sys.exit(130)
     except (data.DataError, ddpm.DDPMError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=say)
         sys.exit(2)

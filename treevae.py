@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import setting
+from data import batch_random, setting
 
 VERSION = 2  # bump when the checkpoint layout changes
 
@@ -469,8 +469,10 @@ class TreeVAE(nn.Module):
                 mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_p, var_p)
                 kl_nodes = kl_nodes + prob[i] * kl_normal(mu_q, var_q, mu_p, var_p)
             z[i] = mu_q
-            if sample:   # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps of MapConv
-                z[i] = mu_q + var_q.sqrt() * torch.randn(mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
+            if sample:   # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps of MapConv;
+                # under torchrun each process takes its rows of the global batch's eps (data.batch_random)
+                eps = batch_random(lambda u: u.normal_(), mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
+                z[i] = mu_q + var_q.sqrt() * eps
             kids = self.child_ids[i]
             if len(kids) == 2:
                 logit_q[i] = self.router_q[key](d_i)                        # (B,)

@@ -1,0 +1,101 @@
+"""Both stages data-parallel under torchrun (train.py's distributed section), on the CPU with Gloo and 2 processes:
+the same weights as one process at the same global batch (float tolerance: the sums over processes round
+differently), the whole smoke pipeline under `torchrun --nproc_per_node 2` (same tree as one process, checkpoints
+that sample.py reads), and a 2-process run stopped and resumed, also by one process, ending where an uninterrupted
+one does. Tiny data (tests/test_pipeline.py's synthetic digits); about a minute on 2 cores."""
+import contextlib
+import dataclasses
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+import ddpm
+import train
+import treevae
+from test_pipeline import ROOT, SMOKE, assert_identical, idx_bytes, load, ok, sample_cli, synthetic_digits
+
+
+# ----------------------------------------------------------------------------- in-process: steps against one process
+def both_stages(out):
+    """Stage 1 of the smoke preset on 64 synthetic digits (TreeStage.fit: init, a split chosen from the leaf
+    probabilities, its subtree phase, the intermediate retraining, pruning, fine-tuning; 4 steps per phase at batch
+    16), then 4 DDPM steps at batch 8 with dropout 0.3 (the masks are drawn for the global batch as well). Returns
+    what must equal one process's: the tree's checkpoint, its growth log and the DDPM's weights and EMA."""
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    images = torch.from_numpy(synthetic_digits(80, 0)[0]).unsqueeze(1)               # (80, 1, 28, 28) uint8
+    run = dataclasses.replace(train.RunConfig(), out=str(out), device="cpu", log_every=1000)
+    cfg = treevae.treevae_config("mnist", "smoke")
+    stage = train.TreeStage(run, cfg, torch.device("cpu"), contextlib.nullcontext, images[:64], images[64:])
+    stage.fit()
+    tv = stage.model
+    dcfg = dataclasses.replace(ddpm.ddpm_config("mnist", "smoke", tv.n_leaves), dropout=0.3)
+    train.train_ddpm(run, dcfg, tv, torch.device("cpu"), contextlib.nullcontext, images[:64])
+    dm = torch.load(os.path.join(out, "ddpm.pt"), weights_only=True) if data.world()[0] == 0 else None
+    return {"tree": tv.checkpoint(), "log": stage.st["log"], "ddpm": dm and {k: dm[k] for k in ("model", "ema")}}
+
+
+def spawned(rank, K, folder, fn):
+    """One of K processes (torch.multiprocessing.spawn): join the Gloo group through a file, run fn(folder/out),
+    rank 0 saves the result."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=K)
+    try:
+        result = fn(os.path.join(folder, "out"))
+        if rank == 0:
+            torch.save(result, os.path.join(folder, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_close(a, b, where, atol=1e-4):
+    """Nested equality, tensors to float tolerance (they are equal in one process up to summation order)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_close(a[k], b[k], f"{where}.{k}", atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (u, v) in enumerate(zip(a, b)):
+            assert_close(u, v, f"{where}[{k}]", atol)
+    elif torch.is_tensor(a) and a.is_floating_point():
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=atol), \
+            f"{where}: max difference {(a - b).abs().max():.3g}"
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """2 processes, each on half of every batch, end with one process's weights: the initial tree, a split chosen
+    from broadcast leaf probabilities and its subtree, the whole schedule to fine-tuning, then DDPM steps."""
+    one = both_stages(tmp_path / "one")
+    mp.spawn(spawned, args=(2, str(tmp_path), both_stages), nprocs=2)
+    two = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert two["log"] == one["log"]                                      # the same splits, counts and pruning
+    assert_identical(two["tree"]["topology"], one["tree"]["topology"], "topology")
+    assert_close(two["tree"]["state_dict"], one["tree"]["state_dict"], "treevae")   # incl. batch-norm statistics
+    assert_close(two["ddpm"], one["ddpm"], "ddpm")                       # the U-Net and its EMA
+
+
+def test_batch_must_split_into_equal_shards():
+    """What K processes cannot do is one line before any work: a batch of 16 does not split into 3 shards."""
+    run, tv_cfg = train.RunConfig(), treevae.treevae_config("mnist", "smoke")
+    dcfg = ddpm.ddpm_config("mnist", "smoke")
+    with pytest.raises(data.DataError, match="TreeVAE batch of 16 does not split into 3 equal shards"):
+        train.check_processes(3, run, tv_cfg, dcfg)
+    with pytest.raises(data.DataError, match="DDPM batch of 8 does not split into 3 .*resume with a number of"):
+        train.check_processes(3, dataclasses.replace(run, resume=True), None, dcfg)
+    train.check_processes(2, run, tv_cfg, dcfg)                          # 16 and 8 split into 2
+    with pytest.raises(data.DataError, match="--graphs"):
+        train.check_processes(2, dataclasses.replace(run, graphs=True), tv_cfg, dcfg)

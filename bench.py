@@ -10,6 +10,10 @@ matmul_peak TFLOP/s), to 4 significant digits.
 The authors' code on the same machine kinds: 2-core CPU 1,134 / 300 / 437 img/s for the 2-leaf, 10-leaf and
 subtree steps, 17.3 img/s for the U-Net step at batch 32; one H200 7,776 / 2,171 / 3,713 and 4,427.
 
+allreduce_bytes (training steps): what each step all-reduces when torchrun runs K processes (train.py's
+allreduce_bytes: the trained parameters' float32 gradients plus the batch-norm statistics), the figure to set
+against the interconnect's bandwidth; the time is ~2 (K - 1)/K x bytes / bandwidth for a ring all-reduce.
+
 Why these figures: the TreeVAE steps are what stage 1's ~1,700 epochs (the authors' schedule) multiply, and the
 2- and 10-leaf trees bracket every tree the schedule trains (the planner interpolates between them); the subtree
 step is what a split trains; the U-Net step and the reverse step are stage 2's training and sampling; matmul_peak
@@ -26,7 +30,7 @@ import torch
 import data
 import ddpm
 import treevae
-from train import TrainStep, grown_tree, plan, timed
+from train import TrainStep, allreduce_bytes, grown_tree, plan, timed
 
 
 def report(name, device, batch, t, args, dtype="fp32", unit="img/s", work=None, **extra):
@@ -61,7 +65,8 @@ def bench_treevae(args, device, autocast):
         out.append(report(f"treevae_train_step_{n_leaves}_leaves", device, args.batch, t, args, args.dtype,
                           graphs=step.graphs,
                           params=sum(p.numel() for p in model.parameters()),
-                          depth=max(model.depth.values())))
+                          depth=max(model.depth.values()),
+                          allreduce_bytes=allreduce_bytes(model, list(model.parameters()))))
     # the small-subtree step: split a leaf of a 9-leaf tree and train only the new subtree (the last split before
     # the 10-leaf budget: the deepest, costliest frozen tree a subtree step runs under)
     model = grown_tree(cfg, 9, device)
@@ -71,7 +76,8 @@ def bench_treevae(args, device, autocast):
     params = model.train_subtree(node)
     step = TrainStep(model, params, cfg, device, autocast, args.compile, args.graphs, decode=model.child_ids[node])
     t = timed(lambda: step(x, 0.5), device, args.repeat, warmup=5)
-    out.append(report("treevae_subtree_step_under_9_leaves", device, args.batch, t, args, args.dtype))
+    out.append(report("treevae_subtree_step_under_9_leaves", device, args.batch, t, args, args.dtype,
+                      allreduce_bytes=allreduce_bytes(model, params)))
     return out
 
 
@@ -108,7 +114,8 @@ def bench_ddpm(args, device, autocast):
     first = time.perf_counter() - t0
     # The first step is reported apart (first_step_s): it is a one-off cost that a long run amortises.
     t = timed(train, device, args.repeat)
-    extra = {"params": sum(p.numel() for p in unet.parameters()), "first_step_s": round(first, 2)}
+    extra = {"params": sum(p.numel() for p in unet.parameters()), "first_step_s": round(first, 2),
+             "allreduce_bytes": allreduce_bytes(unet, list(unet.parameters()))}
     # achieved rate: a training step is ~3 forward passes of the FLOPs that run eagerly (compare matmul_peak;
     # on a CPU with --compile the compiled step runs the plain up-convs, ~8 % more FLOPs than counted here)
     extra["tflops"] = round(3 * unet_flops(unet, b, cfg, device) / t[0] / 1e12, 3 if device.type == "cpu" else 1)

@@ -99,3 +99,64 @@ def test_batch_must_split_into_equal_shards():
     train.check_processes(2, run, tv_cfg, dcfg)                          # 16 and 8 split into 2
     with pytest.raises(data.DataError, match="--graphs"):
         train.check_processes(2, dataclasses.replace(run, graphs=True), tv_cfg, dcfg)
+
+
+# ----------------------------------------------------------------------------- train.py under torchrun
+from test_pipeline import cli, data_dir  # noqa: E402,F401  (data_dir: the 300 + 100 synthetic digits, a fixture)
+
+
+def torchrun(*args, nproc=2):
+    """`torchrun --standalone --nproc_per_node nproc train.py args` (python -m torch.distributed.run, which is what
+    the torchrun command runs) in the repository root, one thread per process; never raises on its exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "train.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """The smoke pipeline four ways on the same data: one process; 2 processes uninterrupted; 2 processes stopped
+    inside stage 1 (--max-steps 20: in the subtree phase) and resumed by 2 processes; the same stop resumed by one."""
+    base = tmp_path_factory.mktemp("torchrun")
+    args = [*SMOKE, "--data-dir", data_dir, "--plan", "false", "--sampler", "ddim"]   # figures: 5 DDIM steps
+    one = ok(cli("train.py", *args, "--out", base / "one"))
+    two = ok(torchrun(*args, "--out", base / "two"))
+    p = ok(torchrun(*args, "--out", base / "stopped", "--max-steps", 20))
+    assert "stopped in phase subtree" in p.stdout, p.stdout[-2000:]
+    shutil.copytree(base / "stopped", base / "stopped_one")
+    resumed = ok(torchrun(*args, "--out", base / "stopped", "--resume"))
+    resumed_one = ok(cli("train.py", *args, "--out", base / "stopped_one", "--resume"))
+    return base, {"one": one, "two": two, "resumed": resumed, "resumed_one": resumed_one}
+
+
+def test_smoke_run_under_torchrun(runs, tmp_path, capsys):
+    """The README's command on tiny data: rank 0 alone prints, the tree grows as in one process, and sample.py
+    reads the checkpoints."""
+    base, procs = runs
+    out = procs["two"].stdout
+    assert "torchrun: 2 processes (gloo), each training on 1/2 of every batch" in out, out[-2000:]
+    assert out.count("[test] NMI") == 1 and out.count("wrote ") >= 2       # one process prints and writes
+    a, b = load(base / "one" / "treevae.pt"), load(base / "two" / "treevae.pt")
+    assert_identical(b["topology"], a["topology"], "topology")
+    assert b["state"]["log"] == a["state"]["log"]                          # the same growth decisions
+    for name in ("ddpm.pt", "metrics.json", "samples.png", "tree.png"):
+        assert (base / "two" / name).is_file(), name
+    ok(sample_cli(capsys, "--run", base / "two", "--n", 2, "--steps", 3, "--sampler", "ddim",
+                  "--out", tmp_path / "s.png"))
+
+
+def test_resume_under_torchrun(runs):
+    """Stopped by --max-steps under torchrun and resumed: by 2 processes bit for bit as the uninterrupted 2-process
+    run; by one process (another number of processes: the same global batches and noise) to float tolerance."""
+    base, procs = runs
+    assert "resumed" in procs["resumed"].stdout and "resumed" in procs["resumed_one"].stdout
+    two, again = base / "two", base / "stopped"
+    for name, keys in (("treevae.pt", ("topology", "state_dict", "state")), ("ddpm.pt", ("model", "ema", "state"))):
+        a, b = load(two / name), load(again / name)
+        for key in keys:
+            assert_identical(b[key], a[key], f"{name}.{key}")
+    a, b = load(two / "treevae.pt"), load(base / "stopped_one" / "treevae.pt")
+    assert_identical(b["topology"], a["topology"], "topology")
+    assert_close(b["state_dict"], a["state_dict"], "treevae")
+    assert_close(load(base / "stopped_one" / "ddpm.pt")["ema"], load(two / "ddpm.pt")["ema"], "ema")

@@ -3,6 +3,7 @@
     python train.py --dataset mnist                      # both stages, the authors' schedule (--preset paper)
     python train.py --dataset fashion_mnist --preset fast --stage treevae
     python train.py --dataset mnist --resume             # continue an interrupted run where it stopped
+    torchrun --nproc-per-node 8 train.py --dataset mnist # both stages data-parallel on 8 GPUs (several processes)
 
 Stage 1 schedule (the authors' train/train_tree.py and configs/mnist.yml; every epoch count a config field):
     init          train root + 2 leaves for epochs_init
@@ -17,8 +18,9 @@ section of configs/mnist.yml): the frozen TreeVAE reconstructs each image at eve
 sampled per image, and the DDPM learns eps(x_t, t | x_hat^(l), l) by Algorithm 1 of Ho et al.
 
 Order of this file: the run's configuration and its command line; the training plumbing both stages share
-(checkpoint files, RNG state, the progress line, Ctrl-C); stage 1 (TrainStep: one step; TreeStage: the schedule);
-stage 2 (leaf conditioning, train_ddpm); the planner (measured step times -> predicted hours); then main and the
+(checkpoint files, RNG state, the progress line, Ctrl-C); several processes under torchrun (the global batch's
+shards, SyncBatchNorm, DDP); stage 1 (TrainStep: one step; TreeStage: the schedule); stage 2 (leaf conditioning,
+train_ddpm); the planner (measured step times -> predicted hours); then main and the
 reading and checking of what a call continues from. The model math lives in treevae.py and ddpm.py, the
 figures and FID in sample.py and fid.py; this file only decides what runs when, and what is saved.
 
@@ -276,6 +278,9 @@ class Interrupt:
 # - Rank 0 alone prints and writes checkpoints, metrics and figures. A checkpoint holds every process's state (they
 #   are equal), so --resume loads it on every process, with any K that divides the batch sizes.
 
+CPU_GROUP = None    # the process group of the per-step stop flag (any_rank), set by start_processes
+
+
 def start_processes(run):
     """Join torchrun's process group when this is one of K > 1 processes (WORLD_SIZE); returns K. Sets run.device
     to the process's own GPU (cuda:LOCAL_RANK) on CUDA; ranks > 0 print nothing (their stdout goes to devnull)."""
@@ -294,9 +299,6 @@ def start_processes(run):
     if dist.get_rank():
         sys.stdout = open(os.devnull, "w")
     return K
-
-
-CPU_GROUP = None
 
 
 def check_processes(K, run, tv_cfg, dcfg):
@@ -336,9 +338,8 @@ class SumOverProcesses(torch.autograd.Function):
 class SyncBatchNorm:
     """Batch norm over the global batch: in training, each layer's per-channel sums of x and x^2 and the count of
     this process's shard are summed over the processes (one all-reduce of 2C + 1 numbers forward, one backward:
-    SumOverProcesses), which gives the mean and biased variance
-    one process computes over the whole batch, and the same running statistics. In eval mode, or with one process,
-    it is nn.BatchNorm. Ours, not torch.nn.SyncBatchNorm: that one refuses CPU tensors, and the tests compare the
+    SumOverProcesses), which gives the mean and biased variance one process computes over the whole batch, and the
+    same running statistics. In eval mode, or with one process, it is nn.BatchNorm. Ours, not torch.nn.SyncBatchNorm: that one refuses CPU tensors, and the tests compare the
     CPU path with one process. sync_batchnorm makes a model's BatchNorm1d/2d layers into these in place."""
 
     def forward(self, x):                                 # x (B, C) or (B, C, H, W)

@@ -5,12 +5,10 @@ that sample.py reads), and a 2-process run stopped and resumed, also by one proc
 one does. Tiny data (tests/test_pipeline.py's synthetic digits); about a minute on 2 cores."""
 import contextlib
 import dataclasses
-import gzip
 import os
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -21,7 +19,8 @@ import data
 import ddpm
 import train
 import treevae
-from test_pipeline import ROOT, SMOKE, assert_identical, idx_bytes, load, ok, sample_cli, synthetic_digits
+# data_dir: tests/test_pipeline.py's fixture (300 + 100 synthetic digits in MNIST's files)
+from test_pipeline import ROOT, SMOKE, assert_identical, cli, data_dir, load, ok, sample_cli, synthetic_digits  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- in-process: steps against one process
@@ -102,9 +101,6 @@ def test_batch_must_split_into_equal_shards():
 
 
 # ----------------------------------------------------------------------------- train.py under torchrun
-from test_pipeline import cli, data_dir  # noqa: E402,F401  (data_dir: the 300 + 100 synthetic digits, a fixture)
-
-
 def torchrun(*args, nproc=2):
     """`torchrun --standalone --nproc_per_node nproc train.py args` (python -m torch.distributed.run, which is what
     the torchrun command runs) in the repository root, one thread per process; never raises on its exit code."""

@@ -26,6 +26,10 @@ Posterior (Eq. 6-7):       q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I),
 Ancestral sampling (Alg. 2, Eq. 11):
   x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) + sigma_t z,
   sigma_t^2 = beta_t ("fixed large", the authors' choice) or beta~_t ("fixed small")        -> sample_ddpm
+Respacing (Nichol & Dhariwal 2021, Sec. 4): sample on a sub-sequence S = (s_1 < ... < s_K) of the T steps with
+  the betas that keep alpha_bar on S unchanged, beta_k = 1 - alpha_bar_{s_k} / alpha_bar_{s_{k-1}}: the same
+  ancestral sampler on a K-step process whose marginals q(x_{s_k} | x_0) are the trained ones; the network is
+  called with the original index s_k. With S = all T steps it is Alg. 2 again.                 -> respaced
   clip=True (default, as in Ho et al.'s code, `clip_denoised`): the same mean written as the posterior mean
   mu~(x0_pred, x_t) with x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t) clipped to [-1, 1];
   identical to Eq. 11 while x0_pred is in range, and it stops an imperfect eps_theta from drifting off the data.
@@ -91,6 +95,8 @@ class DDPMConfig:
     max_steps: int = setting(0, "stop after this many optimiser steps; 0: no limit besides --ddpm-epochs", ge=0)
     # sampling: the figures' and FID's DDIM settings in train.py, and sample.py's defaults (saved in ddpm.pt)
     ddim_steps: int = setting(100, "DDIM steps (--sampler ddim; at most T)", ge=1)
+    respace_steps: int = setting(0, "ancestral sampler's steps (--sampler ddpm): 0 = all T (Ho et al. Alg. 2); "
+                                    "K < T: T respaced to K steps (Nichol & Dhariwal Sec. 4)", ge=2, off=0)
     ddim_eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 = ancestral with the fixed-small variance "
                                    "(--sampler ddim)", ge=0, le=1)
 
@@ -101,6 +107,12 @@ PRESETS = {
     # Same U-Net, a short run (about 12k steps on MNIST, 1,860 on the 9k-digit subset); a 0.9999 EMA would
     # average over ~10k steps (its horizon 1/(1 - decay)), most of such a run, so the EMA is shorter too.
     "fast": DDPMConfig(epochs=60, warmup=1000, ema_decay=0.999),
+    # A laptop's scale for both stages (train.py --preset cpu): the U-Net shrunk to ~1.16 M parameters (base width
+    # 32, multipliers 1-2-2, one block per level), batch 64, 3,150 steps (the README's measured CPU run: ~40 min on
+    # 2 cores), the bias-corrected EMA at 0.999 as in 'fast', and a 250-step respaced ancestral sampler for the
+    # figures and the evaluation (checked against all 1,000 steps in the README).
+    "cpu": DDPMConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, batch_size=64, epochs=1000,
+                      max_steps=3150, warmup=1000, ema_decay=0.999, respace_steps=250),
     # Tiny, for end-to-end CI runs in seconds: nothing here is meant to produce good images.
     "smoke": DDPMConfig(T=50, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.0,
                         batch_size=8, epochs=1, max_steps=4, warmup=2, ema_decay=0.9, ddim_steps=5),
@@ -153,8 +165,14 @@ class Diffusion:
             raise DDPMError(f"unknown schedule {cfg.schedule!r}; use 'linear' or 'cosine'")
         if cfg.var_type not in ("fixed_large", "fixed_small"):
             raise DDPMError(f"unknown var_type {cfg.var_type!r}; use 'fixed_large' or 'fixed_small'")
+        self._derive(betas, torch.arange(T))
+
+    def _derive(self, betas, timesteps):
+        """Every schedule array from the betas (K,) of the process sampled, and the network's time index of each
+        of its K steps (timesteps (K,): 0..T-1 for the trained process, a sub-sequence after respacing)."""
         # Everything derived in float64 (alpha_bar_T ~ 4e-5 loses digits in float32); cast where used.
-        self.betas = betas                                                  # (T,)
+        self.timesteps = timesteps                                          # (K,) int64, what the U-Net sees
+        self.betas = betas                                                  # (K,)
         self.alphas = 1 - betas
         self.alpha_bar = torch.cumprod(self.alphas, 0)
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
@@ -168,12 +186,26 @@ class Diffusion:
         self.eps_coef = betas / self.sqrt_one_minus_alpha_bar
         self.sqrt_recip_alpha = 1 / self.alphas.sqrt()
 
+    def respaced(self, steps):
+        """A Diffusion on `steps` of the T steps, evenly spaced from the last to the first (Nichol & Dhariwal's
+        space_timesteps; the first and the last step always included), with betas_k = 1 - alpha_bar[s_k] /
+        alpha_bar[s_{k-1}] so that alpha_bar on those steps is unchanged (module docstring). Only sample_ddpm uses
+        it (training is on the full process). Raises DDPMError unless 2 <= steps <= T."""
+        T = len(self.alpha_bar)
+        if not 2 <= steps <= T:
+            raise DDPMError(f"respaced steps={steps} must be between 2 and T={T}")
+        s = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()         # (K,) ascending, unique
+        a = self.alpha_bar.cpu()[s]
+        out = copy.copy(self)
+        out._derive(1 - a / torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]]), s)      # beta_1 = 1 - alpha_bar_1
+        return out.to(self.betas.device)
+
     def to(self, device):
         """Move the schedule to a device (done on first use); MPS has no float64, so float32 there."""
         dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
         for k, v in vars(self).items():
-            if torch.is_tensor(v):
-                setattr(self, k, v.to(device, dtype))
+            if torch.is_tensor(v):                          # timesteps stay integers
+                setattr(self, k, v.to(device, dtype) if v.is_floating_point() else v.to(device))
         return self
 
     def _extract(self, a, t, x):
@@ -234,16 +266,17 @@ class Diffusion:
             raise DDPMError(f"unknown var_type {var_type!r}; use 'fixed_large' or 'fixed_small'")
         was_training = model.training
         model.eval()                                               # dropout off while sampling
-        for i in reversed(range(self.cfg.T)):                      # Alg. 2 line 2: t = T, ..., 1
-            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)    # (B,)
-            eps = model(x, t, cond, leaf).float()
+        K = len(self.betas)                                        # T, or the steps of a respaced process
+        for i in reversed(range(K)):                               # Alg. 2 line 2: t = T, ..., 1
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)    # (B,) step of this process
+            eps = model(x, self.timesteps[t], cond, leaf).float()  # the network's own time index (respacing)
             if clip:   # Ho et al.'s code: x_0 predicted, clipped to the data range, then the posterior mean (Eq. 7)
                 mean, _ = self.posterior(self.predict_x0(x, t, eps).clamp(-1, 1), x, t)
             else:      # Eq. 11: the same mean written with the predicted noise
                 mean = self._extract(self.sqrt_recip_alpha, t, x) * (x - self._extract(self.eps_coef, t, x) * eps)
             x = mean + self._extract(var, t, x).sqrt() * self._z(x, generator, last=(i == 0))   # line 4
             if progress is not None:
-                progress(self.cfg.T - i, self.cfg.T)
+                progress(K - i, K)
         model.train(was_training)
         return x.clamp(-1, 1)
 

@@ -441,6 +441,11 @@ WEIGHTS = {  # name -> checkpoint URL, architecture, and what the numbers are co
 }
 
 
+def inception_file(weights="torchvision"):
+    """Where torch.hub keeps (or would download) the Inception weights: present means usable offline."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS[weights]["url"]))
+
+
 def load_inception(weights="torchvision", device="cpu", progress=False):
     """InceptionV3 with pretrained weights ('torchvision' or 'tf-fid') in eval mode, via
     torch.hub.load_state_dict_from_url (cached as $TORCH_HOME/hub/checkpoints/<file>; a file placed there
@@ -504,6 +509,15 @@ class OfflineNet(nn.Module):
                    for i in range(0, len(x), batch_size)]
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.config["feat_dim"])
+
+    @torch.no_grad()
+    def classify(self, x, batch_size=500):
+        """x: (N, C, H, W) uint8 or [0, 1] floats -> (N,) int64 predicted class (argmax of the head's logits):
+        the evaluation's stand-in for the authors' ResNet-50 in the leaf-specificity check."""
+        feats = self.features(x, batch_size)                                  # (N, feat_dim), CPU
+        device = next(self.parameters()).device
+        return torch.cat([self.head(feats[i:i + batch_size].to(device)).argmax(1).cpu()
+                          for i in range(0, len(feats), batch_size)]) if len(feats) else torch.zeros(0).long()
 
 
 def train_offline_net(images, labels, n_classes, epochs=3, batch_size=128, lr=2e-3, seed=0, device="cpu",

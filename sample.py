@@ -28,7 +28,9 @@ in tv.leaves); leaf_probs (n, n_leaves); L = n_leaves. Pixel ranges are converte
                                                        ~10x faster than the default ancestral sampler (the
                                                        authors', all T steps), less robust (README)
 Each call writes a PNG grid and an .npz beside it (key 'images': uint8 (N, C, H, W); `python fid.py --gen`
-scores it). train.py calls make_figures (tree.png, samples.png/.npz, all_leaves.png) and compute_fid.
+scores it). train.py calls make_figures (tree.png, samples.png/.npz, all_leaves.png) and evaluate.
+    python sample.py --run runs/mnist --evaluate       the FID table of both stages and leaf specificity
+                                                       (<run>/eval.json, leaf_specificity.png; see `evaluate`)
 """
 import dataclasses
 import json
@@ -36,6 +38,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 from dataclasses import dataclass
 
@@ -63,12 +66,13 @@ class SampleConfig:
     leaf: int = setting(-1, "-1: draw each sample's leaf from P(l | z_0); K: every sample from leaf K", ge=-1)
     n: int = setting(0, "images (root samples = rows for --all-leaves); 0: 64, 8 for --all-leaves, 16 for --recons",
                      ge=0)
-    sampler: str = setting("ddpm", "ddpm (the authors' ancestral sampler, all T steps) | ddim (Song et al., --steps "
-                                   "steps, deterministic for eta 0: faster, less robust on a short run)",
-                           choices=("ddpm", "ddim"))
-    # None: the run's own DDIM settings (train.py --ddpm-ddim-steps / --ddpm-ddim-eta, saved in ddpm.pt)
-    steps: int = setting(None, "DDIM steps (at most the DDPM's T; --sampler ddim only); default: the run's "
-                               "ddim_steps", kind=int, ge=1)
+    sampler: str = setting("ddpm", "ddpm (the authors' ancestral sampler: all T steps, or T respaced to --steps) | "
+                                   "ddim (Song et al., --steps steps, deterministic for eta 0: less robust on a "
+                                   "short run)", choices=("ddpm", "ddim"))
+    # None: the run's own settings (train.py --ddpm-respace-steps, --ddpm-ddim-steps / --ddpm-ddim-eta, in ddpm.pt)
+    steps: int = setting(None, "sampler steps, at most the DDPM's T: --sampler ddpm: T respaced to this many "
+                               "(Nichol & Dhariwal; T = Ho et al.'s Alg. 2), default the run's respace_steps (0: "
+                               "all T); --sampler ddim: DDIM steps, default the run's ddim_steps", kind=int, ge=2)
     eta: float = setting(None, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance; "
                                "default: the run's ddim_eta", kind=float, ge=0, le=1)
     all_leaves: bool = setting(False, "one root sample and one noise per row, refined at every leaf")
@@ -77,8 +81,12 @@ class SampleConfig:
     stage: str = setting("diffusion", "diffusion (refined by the DDPM) | treevae (stage-1 images, no DDPM)",
                          choices=("diffusion", "treevae"))
     recons: bool = setting(False, "refine the argmax-leaf reconstructions of real test images")
+    evaluate: bool = setting(False, "FID of both stages and leaf specificity at --n images (default: the run's "
+                                    "preset's: cpu 2,000, smoke 64, else 10,000) -> <run>/eval.json, "
+                                    "leaf_specificity.png and a table")
     seed: int = setting(0, "seed of z_0, the leaves, the noise and the test images picked", ge=0)
-    out: str = setting("", "PNG path; default <run>/samples_<mode>[_treevae|_ddim].png; the .npz goes beside it")
+    out: str = setting("", "PNG path; default <run>/samples_<mode>[_treevae|_ddim].png; the .npz goes beside it "
+                           "(--evaluate: the JSON path, default <run>/eval.json)")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int = setting(0, "CPU threads of torch's kernels (torch.set_num_threads); 0: torch's choice", ge=0)
     data_dir: str = setting("", "test images for --recons; default: the data_dir the run was trained with")
@@ -214,7 +222,8 @@ def refine(m, x_hat, leaf, cfg, noise=None, generator=None):
     cond = 2 * x_hat - 1 if m.unet.cfg.cond_image else None       # (n, C, H, W) in [-1, 1]
     leaf = leaf if m.unet.cfg.n_leaves else None                   # a U-Net trained without leaf input
     if cfg.sampler == "ddpm":                                      # Alg. 2: all T steps, "fixed large" variance
-        return m.diffusion.sample_ddpm(m.unet, x_hat.shape, cond, leaf, noise=noise, generator=generator)
+        diffusion = m.diffusion if cfg.steps >= m.unet.cfg.T else m.diffusion.respaced(cfg.steps)   # or respaced
+        return diffusion.sample_ddpm(m.unet, x_hat.shape, cond, leaf, noise=noise, generator=generator)
     return m.diffusion.sample_ddim(m.unet, x_hat.shape, cond, leaf, steps=cfg.steps, eta=cfg.eta, noise=noise,
                                    generator=generator)
 
@@ -431,13 +440,20 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
 # ---------------------------------------------------------------------------------------------------------------
 # What train.py calls
 
+def run_steps(m, sampler):
+    """The run's own step count of a sampler (ddpm.pt's config): respace_steps (0: all T) or ddim_steps."""
+    c = m.unet.cfg
+    return (c.respace_steps or c.T) if sampler == "ddpm" else c.ddim_steps
+
+
 def with_run_defaults(m, cfg):
-    """cfg with the DDIM settings the run was trained with (ddpm.pt's ddim_steps, ddim_eta: train.py's
-    --ddpm-ddim-steps, --ddpm-ddim-eta) where it leaves them None, the steps capped at the DDPM's T. Without a
-    DDPM nothing is refined and cfg is returned as it is."""
+    """cfg with the sampler settings the run was trained with (ddpm.pt's respace_steps for the ancestral sampler,
+    ddim_steps and ddim_eta for DDIM: train.py's --ddpm-respace-steps, --ddpm-ddim-steps, --ddpm-ddim-eta) where it
+    leaves them None, the steps capped at the DDPM's T. Without a DDPM nothing is refined and cfg is returned as
+    it is."""
     if m.unet is None:
         return cfg
-    steps, eta = m.unet.cfg.ddim_steps if cfg.steps is None else cfg.steps, cfg.eta
+    steps, eta = run_steps(m, cfg.sampler) if cfg.steps is None else cfg.steps, cfg.eta
     return dataclasses.replace(cfg, steps=min(steps, m.unet.cfg.T), eta=m.unet.cfg.ddim_eta if eta is None else eta)
 
 
@@ -449,8 +465,9 @@ def _stage_config(m, steps=None, eta=None, **kw):
 
 def sampler_name(m, cfg):
     """How the refinements were drawn, for the printed lines and metrics.json."""
+    T = m.unet.cfg.T
     return f"DDIM {cfg.steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim" else \
-        f"ancestral DDPM, {m.unet.cfg.T} steps"
+        f"ancestral DDPM, {T} steps" if cfg.steps >= T else f"ancestral DDPM, {T} steps respaced to {cfg.steps}"
 
 
 def _generator(device, seed):
@@ -544,31 +561,264 @@ def make_figures(run_dir, device="cpu", steps=None, metrics=None, n=64, rows=4, 
         print(f"note: {smoke_note(m, refined)}")
 
 
-def compute_fid(run_dir, n, device="cpu", data_dir="data", steps=None, cache_dir="cache", how="argmax",
-                n_boot=200, batch=None, sampler="ddpm", eta=None):
-    """FID (fid.py's offline extractor, trained on the data set's training labels) of n generations against the
-    test split, for the TreeVAE images of the `how` leaf (argmax: the hard cluster) and for their refinements (the
-    same z_0 and leaves, so the pair isolates what stage 2 adds). Returns {'fid': {...}} for metrics.json."""
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: the paper's FID table and leaf specificity (sample.py --evaluate; train.py --fid-samples N)
+#
+# Rows, after the authors' evaluation (their configs' `eval` modes) with their protocols named:
+#   treevae_generations          N root samples z_0 ~ N(0, I), each decoded at its argmax leaf (their TreeVAE FID)
+#   treevae_reconstructions      N test images reconstructed at their argmax leaf (posterior means)
+#   diffusion_generations        the same z_0, leaf drawn l ~ P(l | z_0), refined (their stage-2 `sample` mode)
+#   diffusion_generations_argmax the same z_0 at the argmax leaf, refined: where the drawn leaf is the argmax leaf
+#                                the refined image of the row above is reused (the same condition: a valid draw,
+#                                and common random numbers make the two rows' difference less noisy)
+#   diffusion_reconstructions    the N test images' reconstructions refined (their `recons` mode)
+#   real_floor                   N training images: the FID of real data at this N (finite-N bias)
+# each scored against the test split and against up to 10,000 training images that are not the floor's, with
+# the offline extractor and, when its weights are in the torch.hub cache, Inception-v3; 95 % basic bootstrap
+# intervals (fid.bootstrap_fid). Leaf specificity (the authors' check, their ResNet-50 replaced by the offline
+# extractor's classifier): per leaf the class histogram of its refined generations; purity = sum over leaves of
+# the largest class count / N (size-weighted); agreement = share of refined images whose class is that of the
+# TreeVAE image they were conditioned on.
+
+EVAL_ROWS = ("treevae_generations", "treevae_reconstructions", "diffusion_generations",
+             "diffusion_generations_argmax", "diffusion_reconstructions", "real_floor")
+EVAL_N = {"cpu": 2000, "smoke": 64}   # default N per preset: what a laptop evaluates in ~15 min; else 10,000
+TRAIN_REF_MAX = 10000                 # training images in the 'train' reference (a seeded random subset)
+
+
+def _say(line):
+    print(line, flush=True)
+
+
+def eval_n(m):
+    """The default N of a run: its stage-2 preset's (stage 1's without a DDPM), 10,000 for paper and fast."""
+    return EVAL_N.get(m.ddpm_preset if m.unet is not None else m.preset, 10000)
+
+
+def _progress(label, total, log):
+    """A callback done -> one progress line with elapsed time and ETA (sampling N images takes minutes)."""
+    t0 = time.perf_counter()
+
+    def step(done):
+        el = time.perf_counter() - t0
+        log(f"[eval] {label}: {done}/{total} images | {el / 60:.1f} min | ETA {el / done * (total - done) / 60:.1f} "
+            f"min")
+    return step
+
+
+def eval_generations(m, n, cfg, g, batch, log=None):
+    """The generation rows' images from one set of n root samples z_0 (module comment above). Returns uint8 CPU
+    tensors (n, C, H, W): treevae (argmax leaf), treevae_drawn (the drawn leaf: what each refined image is
+    conditioned on), and with a DDPM refined (drawn leaf) and refined_argmax; int64 (n,) leaf and leaf_argmax."""
+    log = log or _say
+    keys = ("treevae", "treevae_drawn", "refined", "refined_argmax", "leaf", "leaf_argmax")
+    out, step = {k: [] for k in keys}, _progress("generations", n, log)
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        x_hat, leaf_probs = m.tv.generate(b, z0=root_sample(m.tv, b, g), generator=g)   # (b, L, C, H, W)
+        rows = torch.arange(b, device=x_hat.device)
+        arg, drawn = pick_leaves(leaf_probs, "argmax", g), pick_leaves(leaf_probs, "sample", g)      # (b,) each
+        x_arg, x_drawn = x_hat[rows, arg], x_hat[rows, drawn]                                       # (b, C, H, W)
+        out["treevae"].append(pixels(m, x_arg).cpu())
+        out["treevae_drawn"].append(pixels(m, x_drawn).cpu())
+        out["leaf"].append(drawn.cpu())
+        out["leaf_argmax"].append(arg.cpu())
+        if cfg.stage == "diffusion":
+            x = refine(m, x_drawn, drawn, cfg, generator=g)                    # (b, C, H, W) in [-1, 1]
+            x_a, differ = x.clone(), (arg != drawn).nonzero().squeeze(1)
+            if len(differ):                                                    # only those need a second draw
+                x_a[differ] = refine(m, x_arg[differ], arg[differ], cfg, generator=g)
+            out["refined"].append(pixels(m, x, refined=True).cpu())
+            out["refined_argmax"].append(pixels(m, x_a, refined=True).cpu())
+            step(start + b)
+    return {k: torch.cat(v) if v else None for k, v in out.items()}
+
+
+def eval_reconstructions(m, images, cfg, g, batch, log=None):
+    """(TreeVAE reconstructions at the argmax leaf, their refinements or None), uint8 CPU (n, C, H, W) each."""
+    rec, ref, step = [], [], _progress("reconstructions", len(images), log or _say)
+    for start in range(0, len(images), batch):
+        x_hat, x, _ = reconstructions(m, images[start:start + batch], "argmax", cfg, g)
+        rec.append(pixels(m, x_hat).cpu())
+        if x is not None:
+            ref.append(pixels(m, x, refined=True).cpu())
+            step(start + len(x))
+    return torch.cat(rec), torch.cat(ref) if ref else None
+
+
+def leaf_specificity(classes, classes_cond, leaf, n_leaves, n_classes):
+    """Leaf specificity of generated images: classes (N,) predicted for the images, classes_cond (N,) for the
+    TreeVAE images they were conditioned on, leaf (N,) their leaves. Returns purity (sum over leaves of the
+    largest class count, / N), agreement (share with classes == classes_cond), both in [0, 1], and per leaf n,
+    histogram (n_classes counts), majority, purity and agreement (None for a leaf without images)."""
+    hist = torch.zeros(n_leaves, n_classes, dtype=torch.long)
+    hist.index_put_((leaf, classes), torch.ones_like(leaf), accumulate=True)     # (L, n_classes)
+    agree = (classes == classes_cond).float()
+    per_leaf = []
+    for k in range(n_leaves):
+        nk = int(hist[k].sum())
+        per_leaf.append(dict(n=nk, histogram=hist[k].tolist(), majority=int(hist[k].argmax()) if nk else None,
+                             purity=float(hist[k].max()) / nk if nk else None,
+                             agreement=float(agree[leaf == k].mean()) if nk else None))
+    return dict(purity=float(hist.max(1).values.sum()) / len(leaf), agreement=float(agree.mean()),
+                n=len(leaf), per_leaf=per_leaf)
+
+
+CLASS_NAMES = {"fashion_mnist": ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                                 "bag", "boot"),
+               "cifar10": ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")}
+
+
+def plot_leaf_specificity(path, spec, spec_cond, title, class_names=None):
+    """One bar chart per leaf: the class shares of its refined generations (filled) and of the TreeVAE images
+    they were conditioned on (outline); the panel title gives n, purity and agreement."""
+    L = len(spec["per_leaf"])
+    ncol = min(L, 5)
+    nrow = -(-L // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.1 * ncol, 1.6 * nrow + 0.5), squeeze=False, sharey=True)
+    for k, ax in enumerate(axes.flat):
+        if k >= L:
+            ax.set_visible(False)
+            continue
+        leaf, cond = spec["per_leaf"][k], spec_cond["per_leaf"][k]
+        c = np.arange(len(leaf["histogram"]))
+        share = lambda h: np.asarray(h) / max(1, sum(h))
+        ax.bar(c, share(leaf["histogram"]), color="tab:blue", label="refined")
+        ax.bar(c, share(cond["histogram"]), fill=False, edgecolor="black", linewidth=0.8, label="TreeVAE")
+        ax.set_title(f"leaf {k}: n {leaf['n']}" + (f", purity {leaf['purity']:.2f}, agr. {leaf['agreement']:.2f}"
+                                                   if leaf["n"] else ""), fontsize=6)
+        ax.set_xticks(c, class_names or [str(i) for i in c], fontsize=5, rotation=90 if class_names else 0)
+        ax.tick_params(labelsize=5)
+    axes.flat[0].legend(fontsize=5)
+    fig.suptitle("\n".join(wrap(title, int(19 * fig.get_figwidth()))), fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def _eval_extractors(m, data_dir, cache_dir, device, which, log):
+    """[(short name, extractor)]: the offline one always; Inception-v3 when `which` is 'inception', or 'auto' and
+    its weights are in the torch.hub cache. Returns (extractors, a note when Inception was skipped, or "")."""
     import fid                                                   # only needed here
-    device = torch.device(device)
+    out = [("offline", fid.offline_extractor(m.dataset, root=data_dir, cache_dir=cache_dir, device=device,
+                                              log=log))]
+    path = fid.inception_file()
+    if which == "inception" or (which == "auto" and os.path.exists(path)):
+        out.append(("inception", fid.load_inception(device=device)))
+        return out, ""
+    return out, (f"Inception-v3 skipped: its weights are not in the torch.hub cache ({path}); online, `python "
+                 f"fid.py --real-vs-real --extractor inception` downloads them once" if which == "auto" else "")
+
+
+def evaluate(run_dir, n=None, device="cpu", data_dir=None, cache_dir="cache", sampler="ddpm", steps=None, eta=None,
+             seed=0, n_boot=200, batch=None, extractors="auto", out=None, stage="diffusion", log=None):
+    """The evaluation of a finished run (section comment above): writes out (default <run>/eval.json: rows, each
+    with name, fid, ci95 [lo, hi], n, reference 'test'|'train', extractor, sampler; leaf_specificity with purity
+    and agreement in [0, 1]), <run>/leaf_specificity.png and eval_images.npz (every row's uint8 images), prints
+    the table, and returns the dict. n: images per row (default eval_n); the reconstruction rows use
+    min(n, test split) test images. Without a usable ddpm.pt only the stage-1 rows and the floor are computed.
+    Raises SampleError (run folder) or data.DataError (data)."""
+    import fid
+    log, t_start, device = log or _say, time.perf_counter(), torch.device(device)
     m = load_run(run_dir, device)
-    cfg, g = _stage_config(m, steps, eta, sampler=sampler), _generator(device, 0)
-    batch = batch or (500 if device.type == "cuda" else 64)
-    x_hat, x, leaf = sample(m, n, how, cfg, g, batch=batch)
-    extractor = fid.offline_extractor(m.dataset, root=data_dir, cache_dir=cache_dir, device=device)
-    test_images, _ = data.load(m.dataset, "test", data_dir)
-    out, feats_ref = {"extractor": extractor.name, "reference": "test", "n": n, "leaf": how, "diffusion": None,
-                      "sampler": sampler_name(m, cfg) if m.unet is not None else None,
-                      "treevae_id": m.tv_id, "ddpm_id": m.ddpm_id}, None          # what it describes: drop_stale
-    stages = [("treevae", pixels(m, x_hat))] + ([] if x is None else [("diffusion", pixels(m, x, refined=True))])
-    for name, images in stages:
-        res = fid.fid_from_images(extractor, images, test_images, feats_ref=feats_ref, n_boot=n_boot,
-                                  ref_name=f"{m.dataset} test")
-        feats_ref = res.pop("feats_ref")                          # the reference features, reused
-        res.pop("feats_gen")
-        print(f"[fid] {name}: {fid.format_fid_line(res)}", flush=True)
-        out[name] = res
-    return {"fid": out}
+    n = n or eval_n(m)
+    data_dir = data_dir or m.data_dir
+    cfg = _stage_config(m, steps, eta, sampler=sampler)
+    if stage == "treevae":                                       # stage 1 alone, even with a DDPM
+        cfg = dataclasses.replace(cfg, stage="treevae")
+    g, batch = _generator(device, seed), batch or (1000 if device.type == "cuda" else 64)
+    refined = cfg.stage == "diffusion"
+    how = sampler_name(m, cfg) if refined else None
+    log(f"[eval] {run_dir}: N {n}, " + (how if refined else f"stage 1 only ({m.ddpm_problem or '--stage treevae'})"))
+    train_x, _ = data.load(m.dataset, "train", data_dir)
+    test_x, test_y = data.load(m.dataset, "test", data_dir)
+    pick = torch.Generator().manual_seed(seed)
+    test_pick = torch.randperm(len(test_x), generator=pick)[:n].sort().values          # all of them if n >= split
+    perm = torch.randperm(len(train_x), generator=pick)
+    floor_x, train_ref = train_x[perm[:n]], train_x[perm[n:n + TRAIN_REF_MAX]]          # disjoint
+    if len(train_ref) < 2:
+        raise SampleError(f"N = {n} leaves {len(train_ref)} training images for the 'train' reference: use a "
+                          f"smaller --n (at most {len(train_x) - 2})")
+    seconds = {}
+    t = time.perf_counter()
+    gen = eval_generations(m, n, cfg, g, batch, log)
+    seconds["generations"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rec, rec_refined = eval_reconstructions(m, test_x[test_pick], cfg, g, batch, log)
+    seconds["reconstructions"] = time.perf_counter() - t
+    images = {"treevae_generations": gen["treevae"], "treevae_reconstructions": rec,
+              "diffusion_generations": gen["refined"], "diffusion_generations_argmax": gen["refined_argmax"],
+              "diffusion_reconstructions": rec_refined, "real_floor": floor_x}
+    protocol = {"treevae_generations": "argmax leaf", "treevae_reconstructions": "argmax leaf",
+                "diffusion_generations": "sampled leaf", "diffusion_generations_argmax": "argmax leaf",
+                "diffusion_reconstructions": "argmax leaf", "real_floor": None}
+
+    t = time.perf_counter()
+    exs, note = _eval_extractors(m, data_dir, cache_dir, device, extractors, log)
+    rows = []
+    for short, ex in exs:
+        refs = {"test": fid.extract_features(ex, test_x), "train": fid.extract_features(ex, train_ref)}
+        for name in EVAL_ROWS:
+            if images[name] is None:
+                continue
+            feats = fid.extract_features(ex, images[name])
+            for ref, feats_ref in refs.items():
+                r = fid.bootstrap_fid(feats_ref, feats, n_boot=n_boot, seed=seed, device=device)
+                rows.append(dict(name=name, fid=r["fid"], ci95=[r["basic_lo"], r["basic_hi"]],
+                                 bias_corrected=r["bias_corrected"], n=len(images[name]), n_ref=r["n_real"],
+                                 reference=ref, extractor=ex.name, extractor_kind=short,
+                                 sampler=how if name.startswith("diffusion") else None, leaf=protocol[name]))
+    seconds["fid"] = time.perf_counter() - t
+
+    classifier = exs[0][1]                                       # the offline extractor's own class head
+    n_classes = data.DATASETS[m.dataset]["n_classes"]
+    spec = None
+    if refined:
+        cls, cls_cond = classifier.classify(gen["refined"]), classifier.classify(gen["treevae_drawn"])
+        spec = leaf_specificity(cls, cls_cond, gen["leaf"], m.tv.n_leaves, n_classes)
+        spec_cond = leaf_specificity(cls_cond, cls_cond, gen["leaf"], m.tv.n_leaves, n_classes)
+        spec.update(classifier=classifier.name, treevae_purity=spec_cond["purity"],
+                    test_accuracy=float((classifier.classify(test_x) == test_y).float().mean()))
+        plot_leaf_specificity(os.path.join(run_dir, "leaf_specificity.png"), spec, spec_cond, titled(
+            f"{m.dataset}: class shares of each leaf's {n} refined generations ({how}; bars) and of the TreeVAE "
+            f"images they were conditioned on (outline); classes by the offline extractor's classifier "
+            f"(test accuracy {spec['test_accuracy']:.1%}). Purity {spec['purity']:.3f} (TreeVAE images "
+            f"{spec_cond['purity']:.3f}), agreement {spec['agreement']:.3f}", m, True), CLASS_NAMES.get(m.dataset))
+    seconds["total"] = time.perf_counter() - t_start
+    result = dict(rows=rows, leaf_specificity=spec, n=n, seed=seed, sampler=how, dataset=m.dataset,
+                  data_dir=data_dir, inception="computed" if len(exs) > 1 else note, seconds=seconds,
+                  device=str(device), torch=torch.__version__, treevae_id=m.tv_id, ddpm_id=m.ddpm_id)
+    out = out or os.path.join(run_dir, "eval.json")
+    data.write_json(out, result)
+    save_npz(os.path.splitext(out)[0] + "_images.npz", m, refined,
+             **{k: v for k, v in images.items() if v is not None}, leaf=gen["leaf"], leaf_argmax=gen["leaf_argmax"],
+             treevae_drawn=gen["treevae_drawn"])
+    log(eval_table(result))
+    if note:
+        log(f"note: {note}")
+    log(f"wrote {out}" + (f", {run_dir}/leaf_specificity.png" if refined else "") +
+        f" and {os.path.splitext(out)[0]}_images.npz ({seconds['total'] / 60:.1f} min)")
+    return result
+
+
+def eval_table(result):
+    """eval.json's rows as a markdown table (one per extractor) and the leaf-specificity line."""
+    lines = []
+    for kind in dict.fromkeys(r["extractor_kind"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["extractor_kind"] == kind]
+        lines += ["", f"FID, {rows[0]['extractor']}; 95 % basic bootstrap intervals; sampler: "
+                      f"{result['sampler'] or 'none (stage 1 only)'}",
+                  "| row | leaf | N | FID vs test | FID vs train |", "|---|---|---|---|---|"]
+        for name in dict.fromkeys(r["name"] for r in rows):
+            cell = {r["reference"]: f"{r['fid']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+                    for r in rows if r["name"] == name}
+            first = next(r for r in rows if r["name"] == name)
+            lines.append(f"| {name} | {first['leaf'] or '-'} | {first['n']} | {cell.get('test', '-')} | "
+                         f"{cell.get('train', '-')} |")
+    s = result["leaf_specificity"]
+    if s:
+        lines.append(f"\nleaf specificity: purity {s['purity']:.3f} (TreeVAE images {s['treevae_purity']:.3f}), "
+                     f"agreement {s['agreement']:.3f}, N {s['n']}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,6 +831,8 @@ def run(cfg):
         raise SampleError("--all-leaves shows every leaf: drop --leaf and --recons, or drop --all-leaves")
     if cfg.tree and (cfg.all_leaves or cfg.recons or cfg.leaf >= 0):
         raise SampleError("--tree shows every leaf: drop --leaf, --recons and --all-leaves, or drop --tree")
+    if cfg.evaluate and (cfg.tree or cfg.all_leaves or cfg.recons or cfg.leaf >= 0):
+        raise SampleError("--evaluate scores every row at once: drop --tree, --all-leaves, --recons and --leaf")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)                      # --threads: before any work
     device, _ = data.setup_device(cfg.device)                   # the one hardware block, shared with train.py
@@ -590,11 +842,14 @@ def run(cfg):
     if not -1 <= cfg.leaf < L:
         raise SampleError(f"leaf {cfg.leaf} is out of range: this tree has {L} leaves, valid leaves are 0..{L - 1} "
                           f"(or -1 to draw the leaf)")
-    if cfg.stage == "diffusion" and m.unet is None:
+    if cfg.stage == "diffusion" and m.unet is None and not cfg.evaluate:     # --evaluate: stage-1 rows only
         raise SampleError(m.ddpm_problem)
-    steps = cfg.steps or (m.unet.cfg.ddim_steps if m.unet is not None else None)     # --steps, else the run's
-    if m.unet is not None and cfg.sampler == "ddim" and steps > m.unet.cfg.T:
-        print(f"note: {steps} DDIM steps > the DDPM's T = {m.unet.cfg.T}; using {m.unet.cfg.T}")
+    if cfg.evaluate:
+        return evaluate(cfg.run, cfg.n or None, device, cfg.data_dir or None, sampler=cfg.sampler, steps=cfg.steps,
+                        eta=cfg.eta, seed=cfg.seed, out=cfg.out or None, stage=cfg.stage)
+    steps = cfg.steps or (run_steps(m, cfg.sampler) if m.unet is not None else None)  # --steps, else the run's
+    if m.unet is not None and steps > m.unet.cfg.T:
+        print(f"note: {steps} {cfg.sampler.upper()} steps > the DDPM's T = {m.unet.cfg.T}; using {m.unet.cfg.T}")
     cfg = with_run_defaults(m, cfg)
     g = _generator(device, cfg.seed)
     mode = "all_leaves" if cfg.all_leaves else "recons" if cfg.recons else f"leaf{cfg.leaf}" if cfg.leaf >= 0 \

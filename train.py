@@ -66,8 +66,9 @@ class RunConfig:
     data_dir: str = setting("data", "folder holding the data files, or its parent: DIR and DIR/<data set> "
                                     "are looked in, missing files are downloaded into DIR/<data set>")
     preset: str = setting("paper", "schedule and model size (treevae.treevae_config, ddpm.ddpm_config): paper (the "
-                          "authors') | fast (~7x shorter) | smoke (tiny models, for tests)",
-                          choices=("paper", "fast", "smoke"))
+                          "authors') | fast (~7x shorter) | cpu (fast's stage 1, a 1.2 M-parameter U-Net for 3,150 "
+                          "steps and a 250-step sampler: both stages and the evaluation on a laptop) | smoke (tiny "
+                          "models, for tests)", choices=("paper", "fast", "cpu", "smoke"))
     out: str = setting("", "run folder; default runs/<dataset>")
     stage: str = setting("all", "what to train: treevae (stage 1) | ddpm (stage 2, on the finished stage 1 in --out) "
                          "| all (both)", choices=("treevae", "ddpm", "all"))
@@ -90,13 +91,15 @@ class RunConfig:
     plan: bool = setting(True, "print the predicted wall time of every phase before training")
     max_steps: int = setting(0, "stop (saving a checkpoint) after this many optimisation steps in this call; "
                                 "0: no limit", ge=0)
-    fid_samples: int = setting(0, "FID of this many generated images (offline extractor) at the end; 0: no FID "
-                                  "(a covariance needs >= 2 images)", ge=2, off=0)
+    fid_samples: int = setting(0, "evaluate at the end with this many images per row (sample.py --evaluate: FID of "
+                                  "both stages, leaf specificity -> eval.json); 0: no evaluation (a covariance "
+                                  "needs >= 2 images)", ge=2, off=0)
     # The DDIM settings of the figures and the FID are the DDPM's own (--ddpm-ddim-steps, --ddpm-ddim-eta): they
     # are saved in ddpm.pt, so sample.py defaults to the settings the run used; a second flag here would be a
     # second source of truth.
-    sampler: str = setting("ddpm", "sampler of the figures and the FID: ddpm (the authors' ancestral sampler, all "
-                                   "T steps) | ddim (--ddpm-ddim-steps steps)", choices=("ddpm", "ddim"))
+    sampler: str = setting("ddpm", "sampler of the figures and the evaluation: ddpm (the authors' ancestral "
+                                   "sampler, T steps or T respaced to --ddpm-respace-steps) | ddim "
+                                   "(--ddpm-ddim-steps steps)", choices=("ddpm", "ddim"))
 
 
 class Stop(Exception):
@@ -115,7 +118,7 @@ def preset_defaults(make):
     """{field: default text} of a stage config: make(dataset, preset)'s value for mnist and the paper preset, then
     where another preset (on mnist) or data set (with the paper preset) differs, e.g. '150 (fast 24, smoke 1)'."""
     base = make("mnist", "paper")
-    variants = [(p, make("mnist", p)) for p in ("fast", "smoke")] + \
+    variants = [(p, make("mnist", p)) for p in ("fast", "cpu", "smoke")] + \
                [(d, make(d, "paper")) for d in ("fashion_mnist", "cifar10")]
     out = {}
     for f in dataclasses.fields(base):
@@ -127,7 +130,7 @@ def preset_defaults(make):
 
 def parser():
     """train.py's command line: one flag per user setting of RunConfig, TreeVAEConfig and DDPMConfig."""
-    p = data.Parser(prog="train.py", usage="python train.py [--dataset NAME] [--preset paper|fast|smoke] "
+    p = data.Parser(prog="train.py", usage="python train.py [--dataset NAME] [--preset paper|fast|cpu|smoke] "
                     "[--stage treevae|ddpm|all] [--resume] [options]",
                     description="Train Diffuse-TreeVAE (stage 1 TreeVAE, stage 2 leaf-conditioned DDPM).\n"
                     "Every option has a default; the --treevae-* and --ddpm-* ones override the preset's value.")
@@ -949,7 +952,9 @@ def _plan_ddpm(phases, times, tv_cfg, dcfg, n_train, L, shape, device, autocast,
             ema.model(xd * 2 - 1, t_idx, cond, leaf)
     times["sampling"] = timed(reverse_step, device, repeat, warmup=1)           # at batch b
     t_rev = times["sampling"][0]
-    phases["figures"] = (64 + 4 * L + fid_samples) / b * (sample_steps or dcfg.T) * t_rev
+    # the evaluation refines ~3 N images: N generations, those whose argmax leaf is not the drawn one, and up to
+    # N test reconstructions (sample.evaluate)
+    phases["figures"] = (64 + 4 * L + 3 * fid_samples) / b * (sample_steps or dcfg.T) * t_rev
     return [f"DDPM {t_ddpm * 1e3:.1f} ms at batch {dcfg.batch_size} with {L} leaf conditions, "
             f"sampling {t_rev * 1e3:.1f} ms per call at batch {b}"]
 
@@ -1209,16 +1214,15 @@ def run_stages(run, tv_cfg, ddpm_overrides, argv):
     if run.stage in ("ddpm", "all"):
         run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, images[train_idx], test_images, test_labels,
                    device, autocast, tv_path, metrics_path)
-    if not lead:                                        # the figures and the FID are rank 0's
+    if not lead:                                        # the figures and the evaluation are rank 0's
         return
-    # The figures (tree.png and the sample grids) and the FID come from sample.py. DDIM steps and eta: those saved
-    # in ddpm.pt (--ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults.
+    # The figures (tree.png and the sample grids) and the evaluation come from sample.py. Sampler steps: those
+    # saved in ddpm.pt (--ddpm-respace-steps, --ddpm-ddim-steps, --ddpm-ddim-eta), as sample.py's defaults.
     sample.make_figures(run.out, device=device, metrics=metrics, sampler=run.sampler)
-    if run.fid_samples:
-        metrics.update(sample.compute_fid(run.out, run.fid_samples, device=device, data_dir=run.data_dir,
-                                          sampler=run.sampler))
     data.write_json(metrics_path, metrics)
     print(f"wrote {metrics_path}")
+    if run.fid_samples:                                 # eval.json: sample.py --run <out> --evaluate --n N
+        sample.evaluate(run.out, run.fid_samples, device=device, data_dir=run.data_dir, sampler=run.sampler)
 
 
 def resumed_config(run, tv_ckpt, tv_path):
@@ -1242,8 +1246,9 @@ def print_plan(run, tv_cfg, ddpm_overrides, tv_ckpt, n_train, device, autocast):
     with data.alone():                   # timed by rank 0 alone, as one process; then divided by the processes
         phases = plan(saved.cfg if saved else tv_cfg, dcfg_plan, n_train, device, autocast, run.compile,
                       run.graphs, tree=run.stage != "ddpm", fid_samples=run.fid_samples,
-                      sample_steps=min(dcfg_plan.ddim_steps, dcfg_plan.T) if dcfg_plan and run.sampler == "ddim"
-                      else None, n_leaves=saved.n_leaves if saved else None, procs=K)
+                      sample_steps=None if dcfg_plan is None else min(dcfg_plan.ddim_steps, dcfg_plan.T)
+                      if run.sampler == "ddim" else dcfg_plan.respace_steps or None,
+                      n_leaves=saved.n_leaves if saved else None, procs=K)
     warning = long_run_warning(phases, run, tv_cfg, dcfg_plan, device)
     if warning:
         print(warning, flush=True)
@@ -1280,8 +1285,9 @@ def run_stage2(run, tv, tv_ckpt, dm_ckpt, ddpm_overrides, metrics, train_images,
     dcfg = dataclasses.replace(ddpm.ddpm_config(run.dataset, run.preset, tv.n_leaves), **ddpm_overrides)
     if dm_ckpt is not None:                          # keep the DDPM configuration it was started with ...
         saved = ddpm.DDPMConfig(**dm_ckpt["config"])
-        # ... but for the DDIM settings: they train nothing, and the figures and FID below sample with them
-        dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items() if k.startswith("ddim_")})
+        # ... but for the sampler settings: they train nothing, and the figures and evaluation sample with them
+        dcfg = dataclasses.replace(saved, **{k: v for k, v in ddpm_overrides.items()
+                                             if k.startswith("ddim_") or k == "respace_steps"})
     print(f"ddpm: {json.dumps(dataclasses.asdict(dcfg))}")
     train_ddpm(run, dcfg, tv, device, autocast, train_images, dm_ckpt)
 

@@ -110,7 +110,7 @@ def treevae_config(dataset: str, preset: str = "paper") -> TreeVAEConfig:
     """Named presets. 'paper' = the authors' architecture and schedule (configs/mnist.yml: 150 / 150 / 80 / 200
     epochs, Adam 1e-3, weight decay 1e-5, batch 256, lr x0.1 every 100 epochs; fmnist.yml: leaky ReLU; cifar10.yml:
     64 x 4 x 4 latents, 128 bottom-up channels, contrastive terms of weight 100, no fine-tuning); 'fast' keeps the
-    architecture with a short schedule; 'smoke' is a tiny model for CPU tests."""
+    architecture with a short schedule ('cpu' too: it differs in stage 2); 'smoke' is a tiny model for CPU tests."""
     if dataset not in ("mnist", "fashion_mnist", "cifar10"):
         raise ValueError(f"unknown data set {dataset!r}: use data.canonical_name first (mnist, fashion_mnist, cifar10)")
     cfg = TreeVAEConfig(dataset=dataset)
@@ -122,14 +122,15 @@ def treevae_config(dataset: str, preset: str = "paper") -> TreeVAEConfig:
                             contrastive=True, epochs_finetune=0)
     if preset == "paper":
         return cfg
-    if preset == "fast":      # ~7x shorter: minutes on a GPU, ~15 min on 2 CPU cores for the 9k-digit MNIST subset
+    if preset in ("fast", "cpu"):   # ~7x shorter: minutes on a GPU, ~15 min on 2 CPU cores for the 9k-digit MNIST
+        # subset; 'cpu' is 'fast' here and differs in its stage 2 (a small U-Net: ddpm.PRESETS)
         return _replace(cfg, epochs_init=24, epochs_subtree=12, epochs_intermediate=6,
                         epochs_finetune=min(cfg.epochs_finetune, 24))
     if preset == "smoke":     # tiny and quick: CI end-to-end tests
         return _replace(cfg, latent_channels=4, bottom_up_channels=8, decoder_channels=8, max_depth=2,
                         max_leaves=3, batch_size=16, epochs_init=1, epochs_subtree=1, epochs_intermediate=1,
                         epochs_finetune=1, splits_per_retrain=1, kl_start=0.5, decay_kl=0.5)
-    raise ValueError(f"unknown preset {preset!r}: choose paper, fast or smoke")
+    raise ValueError(f"unknown preset {preset!r}: choose paper, fast, cpu or smoke")
 
 
 def _replace(cfg, **changes):

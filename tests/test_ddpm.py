@@ -181,6 +181,37 @@ def test_ddim_eta1_all_steps_is_ancestral_fixed_small():
     assert torch.equal(e1, e2)
 
 
+def test_respaced_sampler_with_all_steps_is_the_plain_ancestral_sampler():
+    """Respacing (Nichol & Dhariwal Sec. 4) on all T steps rebuilds the betas from alpha_bar ratios: the same
+    process, so the same samples from the same x_T and per-step noise; on K steps alpha_bar is kept on the chosen
+    steps, the network sees their original indices, and the first and last step are always among them."""
+    cfg = tiny_cfg(T=60, n_leaves=2)
+    d = ddpm.Diffusion(cfg)
+    model = Oracle(d, torch.rand(2, 1, 8, 8) * 2 - 1, wobble=1.0)   # imperfect eps: the noise matters
+    noise, leaf = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    gen = lambda: torch.Generator().manual_seed(3)
+    full = d.respaced(cfg.T)
+    assert torch.equal(full.timesteps, torch.arange(cfg.T))
+    for var_type in ("fixed_large", "fixed_small"):
+        a = d.sample_ddpm(model, noise.shape, None, leaf, noise=noise, generator=gen(), var_type=var_type)
+        b = full.sample_ddpm(model, noise.shape, None, leaf, noise=noise, generator=gen(), var_type=var_type)
+        assert (a - b).abs().max() < 1e-5 and (a.abs() < 0.99).float().mean() > 0.5
+    r = d.respaced(7)
+    assert r.timesteps.tolist() == [0, 10, 20, 30, 39, 49, 59]
+    assert torch.allclose(r.alpha_bar, d.alpha_bar[r.timesteps], rtol=1e-12)
+    assert d.timesteps.tolist() == list(range(cfg.T))              # the original is left as it was
+    seen = []
+
+    class Spy(torch.nn.Module):                                    # records the time index the network sees
+        def forward(self, x_t, t, cond, leaf):
+            seen.append(int(t[0]))
+            return model(x_t, t, cond, leaf)
+    c = r.sample_ddpm(Spy(), noise.shape, None, leaf, noise=noise, generator=gen())
+    assert seen == [59, 49, 39, 30, 20, 10, 0] and (c - a).abs().max() > 1e-3
+    with pytest.raises(ddpm.DDPMError):
+        d.respaced(1)
+
+
 def test_samplers_recover_x0_with_the_true_noise():
     """Given the exact eps(x_t) = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar), every sampler returns x_0."""
     cfg = tiny_cfg(T=100, n_leaves=2)
@@ -272,7 +303,7 @@ def test_lr_warmup_and_train_step():
 
 
 def test_config_presets_are_plain():
-    for preset in ("paper", "fast", "smoke"):
+    for preset in ("paper", "fast", "cpu", "smoke"):
         cfg = ddpm.ddpm_config("fashion-mnist", preset, n_leaves=7)
         assert (cfg.dataset, cfg.image_channels, cfg.image_size, cfg.n_leaves) == ("fashion_mnist", 1, 28, 7)
         for v in dataclasses.asdict(cfg).values():

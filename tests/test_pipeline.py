@@ -219,21 +219,65 @@ def test_ddim_settings_of_the_run_are_the_defaults(run, data_dir, tmp_path, caps
     again = tmp_path / "mnist"
     shutil.copytree(run, again)
     proc = ok(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", again, "--stage", "ddpm", "--resume",
-                  "--sampler", "ddim", "--ddpm-ddim-steps", 4, "--ddpm-ddim-eta", 0.25))
+                  "--sampler", "ddim", "--ddpm-ddim-steps", 4, "--ddpm-ddim-eta", 0.25, "--fid-samples", 20))
     assert "samples.png/.npz (64 refined samples, DDIM 4 steps, eta 0.25)" in proc.stdout, proc.stdout[-2000:]
+    rows = json.loads((again / "eval.json").read_text())["rows"]      # train.py ends with the evaluation
+    assert {r["sampler"] for r in rows if r["sampler"]} == {"DDIM 4 steps, eta 0.25"} and rows[0]["n"] == 20
     assert load(again / "ddpm.pt")["config"]["ddim_steps"] == 4
     out = ok(sample_cli(capsys, "--run", again, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "c.png")).stdout
     assert "DDIM 4 steps, eta 0.25" in out, out
 
 
-def test_compute_fid_reports_both_stages(run, data_dir, tmp_path):
+def test_evaluation_writes_the_table_and_leaf_specificity(run, data_dir, tmp_path, capsys):
+    """sample.py --evaluate on the smoke run: eval.json's rows (every name, both references, offline extractor),
+    leaf specificity in [0, 1], the figure, the printed table; N and the sampler as asked."""
     with pytest.warns(UserWarning, match="rank-deficient"):          # 40 images < 128 features: said loudly
-        res = sample.compute_fid(str(run), 40, "cpu", str(data_dir), steps=3, cache_dir=str(tmp_path),
-                                 n_boot=5)["fid"]
-    assert res["n"] == 40 and res["reference"] == "test" and "offline-cnn" in res["extractor"]
-    for stage in ("treevae", "diffusion"):
-        assert res[stage]["n_gen"] == 40 and res[stage]["n_real"] == 100 and res[stage]["fid"] >= 0
-        assert "feats_gen" not in res[stage]                          # metrics.json gets numbers only
+        proc = ok(sample_cli(capsys, "--run", run, "--evaluate", "--n", 40, "--steps", 5, "--out",
+                             tmp_path / "eval.json"))
+    res = json.loads((tmp_path / "eval.json").read_text())
+    names = {r["name"] for r in res["rows"]}
+    assert names == set(sample.EVAL_ROWS)
+    for r in res["rows"]:
+        assert r["reference"] in ("test", "train") and "offline-cnn" in r["extractor"] and r["fid"] >= 0
+        assert len(r["ci95"]) == 2 and r["ci95"][0] <= r["ci95"][1]
+        assert r["n"] == 40 and r["n_ref"] == (100 if r["reference"] == "test" else 260)   # 300 train - 40 floor
+    assert len(res["rows"]) == 2 * len(sample.EVAL_ROWS)
+    assert {r["sampler"] for r in res["rows"] if r["name"].startswith("diffusion")} == \
+        {"ancestral DDPM, 50 steps respaced to 5"}
+    spec = res["leaf_specificity"]
+    assert 0 <= spec["purity"] <= 1 and 0 <= spec["agreement"] <= 1 and spec["n"] == 40
+    assert sum(leaf["n"] for leaf in spec["per_leaf"]) == 40
+    assert (run / "leaf_specificity.png").is_file() and (tmp_path / "eval_images.npz").is_file()
+    assert "| diffusion_generations | sampled leaf | 40 |" in proc.stdout, proc.stdout
+    fails(sample_cli(capsys, "--run", run, "--evaluate", "--leaf", 0), "--evaluate scores every row")
+
+
+def test_evaluation_rows_share_z0_and_test_images(run, data_dir, monkeypatch):
+    """The rows of both stages are computed on the same root samples and the same test images: with a DDPM that
+    returns its condition unchanged, each refined row equals the TreeVAE images it was conditioned on (the drawn
+    leaf's), the argmax variant equals the TreeVAE argmax row, and refined reconstructions equal the TreeVAE ones."""
+    monkeypatch.setattr(sample, "refine", lambda m, x_hat, leaf, cfg, noise=None, generator=None: 2 * x_hat - 1)
+    m = sample.load_run(str(run))
+    cfg = sample._stage_config(m, sampler="ddpm")
+    g = torch.Generator().manual_seed(0)
+    gen = sample.eval_generations(m, 30, cfg, g, batch=16, log=lambda line: None)
+    assert torch.equal(gen["refined"], gen["treevae_drawn"]) and torch.equal(gen["refined_argmax"], gen["treevae"])
+    same = gen["leaf"] == gen["leaf_argmax"]
+    assert torch.equal(gen["treevae"][same], gen["treevae_drawn"][same])
+    images = sample.data.load("mnist", "test", str(data_dir))[0][:20]
+    rec, rec_refined = sample.eval_reconstructions(m, images, cfg, g, batch=8, log=lambda line: None)
+    assert torch.equal(rec, rec_refined) and rec.shape == images.shape
+
+
+def test_leaf_specificity_counts():
+    """Purity and agreement on a hand-made case: leaf 0 holds classes [1, 1, 2], leaf 1 [3]; the conditioning
+    images' classes agree on 3 of 4."""
+    classes, cond, leaf = torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 2, 3]), torch.tensor([0, 0, 0, 1])
+    s = sample.leaf_specificity(classes, cond, leaf, n_leaves=3, n_classes=4)
+    assert s["purity"] == pytest.approx(3 / 4) and s["agreement"] == pytest.approx(3 / 4)
+    assert s["per_leaf"][0] == dict(n=3, histogram=[0, 2, 1, 0], majority=1, purity=pytest.approx(2 / 3),
+                                    agreement=pytest.approx(2 / 3))
+    assert s["per_leaf"][2]["n"] == 0 and s["per_leaf"][2]["purity"] is None
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -72,7 +72,7 @@ class SampleConfig:
     # None: the run's own settings (train.py --ddpm-respace-steps, --ddpm-ddim-steps / --ddpm-ddim-eta, in ddpm.pt)
     steps: int = setting(None, "sampler steps, at most the DDPM's T: --sampler ddpm: T respaced to this many "
                                "(Nichol & Dhariwal; T = Ho et al.'s Alg. 2), default the run's respace_steps (0: "
-                               "all T); --sampler ddim: DDIM steps, default the run's ddim_steps", kind=int, ge=2)
+                               "all T; at least 2); --sampler ddim: DDIM steps, default the run's ddim_steps", kind=int, ge=1)
     eta: float = setting(None, "DDIM noise: 0 deterministic, 1 = ancestral with the 'fixed small' variance; "
                                "default: the run's ddim_eta", kind=float, ge=0, le=1)
     all_leaves: bool = setting(False, "one root sample and one noise per row, refined at every leaf")
@@ -442,8 +442,7 @@ def plot_tree(tv, path, leaf_images, leaf_sizes=None, majority=None, title=None)
 
 def run_steps(m, sampler):
     """The run's own step count of a sampler (ddpm.pt's config): respace_steps (0: all T) or ddim_steps."""
-    c = m.unet.cfg
-    return (c.respace_steps or c.T) if sampler == "ddpm" else c.ddim_steps
+    return (m.unet.cfg.respace_steps or m.unet.cfg.T) if sampler == "ddpm" else m.unet.cfg.ddim_steps
 
 
 def with_run_defaults(m, cfg):

@@ -169,7 +169,7 @@ def test_bench_refuses_out_of_range_values():
 # ----------------------------------------------------------------------------- choices and flags that are not settings
 @pytest.mark.parametrize("name, argv, choices", [
     ("train.py", ["--stage", "bogus"], "'treevae', 'ddpm', 'all'"),
-    ("train.py", ["--preset", "bogus"], "'paper', 'fast', 'smoke'"),
+    ("train.py", ["--preset", "bogus"], "'paper', 'fast', 'cpu', 'smoke'"),
     ("train.py", ["--sampler", "bogus"], "'ddpm', 'ddim'"),
     ("train.py", ["--precision", "bogus"], "'auto', 'bf16', 'fp32'"),
     ("train.py", ["--treevae-activation", "bogus"], "'swish', 'leaky_relu'"),
@@ -188,7 +188,7 @@ def test_a_wrong_word_is_named_with_the_choices(name, argv, choices):
 def test_train_wrong_preset_is_one_line_naming_value_and_choices():
     proc = script("train.py", "--preset", "huge")
     line = one_error_line(proc.returncode, proc.stdout, proc.stderr)
-    assert "'huge'" in line and "'paper', 'fast', 'smoke'" in line, line
+    assert "'huge'" in line and "'paper', 'fast', 'cpu', 'smoke'" in line, line
 
 
 def test_derived_fields_are_not_flags():

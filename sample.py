@@ -464,9 +464,10 @@ def _stage_config(m, steps=None, eta=None, **kw):
 
 def sampler_name(m, cfg):
     """How the refinements were drawn, for the printed lines and metrics.json."""
-    T = m.unet.cfg.T
+    T, small = m.unet.cfg.T, ", fixed-small variance" if m.unet.cfg.var_type == "fixed_small" else ""
     return f"DDIM {cfg.steps} steps, eta {cfg.eta}" if cfg.sampler == "ddim" else \
-        f"ancestral DDPM, {T} steps" if cfg.steps >= T else f"ancestral DDPM, {T} steps respaced to {cfg.steps}"
+        f"ancestral DDPM, {T} steps{small}" if cfg.steps >= T else \
+        f"ancestral DDPM, {T} steps respaced to {cfg.steps}{small}"
 
 
 def _generator(device, seed):

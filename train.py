@@ -67,7 +67,7 @@ class RunConfig:
                                     "are looked in, missing files are downloaded into DIR/<data set>")
     preset: str = setting("paper", "schedule and model size (treevae.treevae_config, ddpm.ddpm_config): paper (the "
                           "authors') | fast (~7x shorter) | cpu (fast's stage 1, a 1.2 M-parameter U-Net for 3,150 "
-                          "steps and a 250-step sampler: both stages and the evaluation on a laptop) | smoke (tiny "
+                          "steps and a 100-step sampler: both stages and the evaluation on a laptop) | smoke (tiny "
                           "models, for tests)", choices=("paper", "fast", "cpu", "smoke"))
     out: str = setting("", "run folder; default runs/<dataset>")
     stage: str = setting("all", "what to train: treevae (stage 1) | ddpm (stage 2, on the finished stage 1 in --out) "

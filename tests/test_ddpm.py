@@ -208,6 +208,11 @@ def test_respaced_sampler_with_all_steps_is_the_plain_ancestral_sampler():
             return model(x_t, t, cond, leaf)
     c = r.sample_ddpm(Spy(), noise.shape, None, leaf, noise=noise, generator=gen())
     assert seen == [59, 49, 39, 30, 20, 10, 0] and (c - a).abs().max() > 1e-3
+    # With the fixed-small variance the respaced sampler is DDIM with eta 1 on the same steps (Song et al. Eq. 16:
+    # sigma^2 = the respaced process's beta~): the cpu preset's evaluation sampler, measured as either.
+    e = r.sample_ddpm(model, noise.shape, None, leaf, noise=noise, generator=gen(), var_type="fixed_small")
+    f = d.sample_ddim(model, noise.shape, None, leaf, steps=7, eta=1.0, noise=noise, generator=gen())
+    assert (e - f).abs().max() < 1e-5 and (e - c).abs().max() > 1e-3
     with pytest.raises(ddpm.DDPMError):
         d.respaced(1)
 

@@ -178,6 +178,37 @@ def my_rows(t):
     return t if K == 1 else t[rank * b:(rank + 1) * b]
 
 
+class _BothViews(torch.autograd.Function):
+    """all_views' gather, with the gradient of a loss that every process computes alike on the gathered rows."""
+
+    @staticmethod
+    def forward(ctx, t):
+        rank, K = world()
+        parts = [torch.empty_like(t) for _ in range(K)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        b = len(t) // 2
+        return torch.cat([p[:b] for p in parts] + [p[b:] for p in parts])        # (2 K b, ...): view 1, view 2
+
+    @staticmethod
+    def backward(ctx, g):
+        # Every process computed the same loss on the same gathered rows, so g is the same everywhere and this
+        # process's rows of it are the loss's gradient for its rows. DDP then averages the parameters' gradients
+        # over the K processes, i.e. divides the sum of the K row-shares by K: hence K x (what SimCLR's
+        # all_reduce of g does, without a collective in the backward pass).
+        rank, K = world()
+        b = len(g) // (2 * K)
+        return K * torch.cat([g[rank * b:(rank + 1) * b], g[(K + rank) * b:(K + rank + 1) * b]])
+
+
+def all_views(t):
+    """The global batch's rows of a two-view tensor: t (2 b, ...) holds this process's view-1 rows then its view-2
+    rows; returns (2 K b, ...) = all processes' view-1 rows in rank order, then their view-2 rows: exactly the
+    tensor one process holds for the same global batch. A loss over the whole batch (the contrastive terms, whose
+    negatives are the other images) computed on it is therefore the one-process loss, and its gradient reaches this
+    process's rows. The identity with one process."""
+    return t if world()[1] == 1 else _BothViews.apply(t)
+
+
 def batch_random(fill, shape, dtype=torch.float32, device="cpu", memory_format=torch.contiguous_format):
     """Random numbers for this process's b rows (shape (b, ...)) of the global batch: fill (an in-place sampler,
     e.g. lambda u: u.normal_()) fills the whole global batch's tensor (K b, ...), and this process keeps its rows

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import batch_random, setting
+from data import all_views, batch_random, setting
 
 VERSION = 2  # bump when the checkpoint layout changes
 
@@ -504,19 +504,20 @@ class TreeVAE(nn.Module):
     def contrastive_loss(self, d, logit_q, prob):
         """CIFAR-10 (cifar10.yml, augmentation_method 'InfoNCE,instancewise_full'): InfoNCE (temperature 1) between the two views' decisions [p, 1-p] at every inner
         node, weighted by the detached probability of reaching it, plus NT-Xent (temperature 0.5) on 10-d
-        projections of every bottom-up level. The batch holds view 1 then view 2."""
+        projections of every bottom-up level. The batch holds view 1 then view 2. Under torchrun the terms run on
+        the global batch (data.all_views): each image's negatives are all the others, as with one process."""
         loss = d[0].new_zeros(())
         for i, logit in logit_q.items():
             p = torch.sigmoid(logit)
-            v = torch.stack([p, 1 - p], 1)                                    # (2B, 2)
+            v = all_views(torch.stack([p, 1 - p], 1))                        # (2B, 2)
             va, vb = v.chunk(2)
-            w = prob[i].detach().view(2, -1).mean(0)                          # (B,)
+            w = all_views(prob[i].detach()).view(2, -1).mean(0)              # (B,)
             labels = torch.arange(va.shape[0], device=v.device)
             nce = 0.5 * (F.cross_entropy(va @ vb.T, labels, reduction="none")
                          + F.cross_entropy(vb @ va.T, labels, reduction="none"))
             loss = loss + (w * nce).mean()
         for level, proj in zip(d, self.projection):
-            h = F.normalize(proj(level.flatten(1)), dim=1)                    # (2B, 10)
+            h = all_views(F.normalize(proj(level.flatten(1)), dim=1))         # (2B, 10)
             sim = h @ h.T / 0.5
             sim = sim.masked_fill(torch.eye(len(h), dtype=torch.bool, device=h.device), float("-inf"))
             n = len(h) // 2

@@ -87,6 +87,37 @@ def test_two_processes_train_as_one(tmp_path):
     assert_close(two["ddpm"], one["ddpm"], "ddpm")                       # the U-Net and its EMA
 
 
+def contrastive_terms(out):
+    """CIFAR-10's contrastive terms (InfoNCE on a split's decisions, NT-Xent on every bottom-up level) of a fixed
+    two-view batch of 8 images, each process on its rows (eval mode and posterior means: nothing random, no batch
+    statistics), the parameters' gradients averaged over the processes as DDP does. Returns loss and gradients."""
+    torch.manual_seed(0)
+    model = treevae.TreeVAE(treevae.treevae_config("cifar10", "smoke"))
+    model.split(model.leaves[0])                                     # an inner node: its decisions enter InfoNCE
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x, x2 = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, 32, 32, generator=g)
+    loss = model.infer(data.my_rows(x), data.my_rows(x2), sample=False)[0]["contrastive"]
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    K = data.world()[1]
+    for v in grads.values():                                         # DDP: the mean over the processes
+        if K > 1:
+            dist.all_reduce(v)
+            v /= K
+    return {"loss": loss.detach(), "grads": grads}
+
+
+def test_contrastive_terms_use_the_global_batch(tmp_path):
+    """Under 2 processes every image's negatives are the whole global batch's other images (data.all_views), so
+    the loss and the averaged gradients are one process's: not the mean of two half-batch losses."""
+    one = contrastive_terms(None)
+    mp.spawn(spawned, args=(2, str(tmp_path), contrastive_terms), nprocs=2)
+    two = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert one["loss"] > 0 and len(one["grads"]) > 10
+    assert_close(two, one, "contrastive")
+
+
 def test_batch_must_split_into_equal_shards():
     """What K processes cannot do is one line before any work: a batch of 16 does not split into 3 shards."""
     run, tv_cfg = train.RunConfig(), treevae.treevae_config("mnist", "smoke")

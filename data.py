@@ -196,8 +196,7 @@ class _BothViews(torch.autograd.Function):
         # over the K processes, i.e. divides the sum of the K row-shares by K: hence K x (what SimCLR's
         # all_reduce of g does, without a collective in the backward pass).
         rank, K = world()
-        b = len(g) // (2 * K)
-        return K * torch.cat([g[rank * b:(rank + 1) * b], g[(K + rank) * b:(K + rank + 1) * b]])
+        return K * my_view_rows(g)
 
 
 def all_views(t):
@@ -209,16 +208,26 @@ def all_views(t):
     return t if world()[1] == 1 else _BothViews.apply(t)
 
 
-def batch_random(fill, shape, dtype=torch.float32, device="cpu", memory_format=torch.contiguous_format):
+def my_view_rows(t):
+    """This process's rows of a two-view global-batch tensor t (2 K b, ...) = [view-1 rows; view-2 rows] (the
+    layout of all_views): its view-1 rows then its view-2 rows, (2 b, ...). The identity with one process."""
+    rank, K = world()
+    b = len(t) // (2 * K)
+    return t if K == 1 else torch.cat([t[rank * b:(rank + 1) * b], t[(K + rank) * b:(K + rank + 1) * b]])
+
+
+def batch_random(fill, shape, dtype=torch.float32, device="cpu", memory_format=torch.contiguous_format,
+                 views=False):
     """Random numbers for this process's b rows (shape (b, ...)) of the global batch: fill (an in-place sampler,
     e.g. lambda u: u.normal_()) fills the whole global batch's tensor (K b, ...), and this process keeps its rows
     (my_rows). Every process holds the same RNG state (same seed, same draws), so the K shards get the numbers that
     one process draws for the same global batch: the run does not depend on K (up to the rounding of the sums over
     processes), and --resume may change K. The price is K x the draws, small beside the convolutions they feed.
-    With one process this is exactly torch.randn(shape) / rand_like / randint (each is empty(...).fill)."""
+    With one process this is exactly torch.randn(shape) / rand_like / randint (each is empty(...).fill).
+    views=True: the rows are two views concatenated (CIFAR-10's contrastive batch), picked by my_view_rows."""
     K = world()[1]
     u = torch.empty((K * shape[0], *shape[1:]), dtype=dtype, device=device, memory_format=memory_format)
-    return my_rows(fill(u))
+    return (my_view_rows if views else my_rows)(fill(u))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -472,7 +472,8 @@ class TreeVAE(nn.Module):
             z[i] = mu_q
             if sample:   # eps drawn in NCHW order: torch's CPU normal_ is ~20x slower on the NHWC maps of MapConv;
                 # under torchrun each process takes its rows of the global batch's eps (data.batch_random)
-                eps = batch_random(lambda u: u.normal_(), mu_q.shape, dtype=mu_q.dtype, device=mu_q.device)
+                eps = batch_random(lambda u: u.normal_(), mu_q.shape, dtype=mu_q.dtype, device=mu_q.device,
+                                   views=x2 is not None)
                 z[i] = mu_q + var_q.sqrt() * eps
             kids = self.child_ids[i]
             if len(kids) == 2:

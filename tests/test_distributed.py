@@ -88,33 +88,37 @@ def test_two_processes_train_as_one(tmp_path):
 
 
 def contrastive_terms(out):
-    """CIFAR-10's contrastive terms (InfoNCE on a split's decisions, NT-Xent on every bottom-up level) of a fixed
-    two-view batch of 8 images, each process on its rows (eval mode and posterior means: nothing random, no batch
-    statistics), the parameters' gradients averaged over the processes as DDP does. Returns loss and gradients."""
+    """CIFAR-10's two-view loss (the ELBO of both views and the contrastive terms: InfoNCE on a split's decisions,
+    NT-Xent on every bottom-up level) of a fixed batch of 8 images, each process on its rows (eval mode: no batch
+    statistics; the latents' noise drawn for the global batch), the loss and the parameters' gradients averaged
+    over the processes as DDP does. Returns the contrastive term, the loss and the gradients."""
     torch.manual_seed(0)
     model = treevae.TreeVAE(treevae.treevae_config("cifar10", "smoke"))
     model.split(model.leaves[0])                                     # an inner node: its decisions enter InfoNCE
     model.eval()
     g = torch.Generator().manual_seed(1)
     x, x2 = torch.rand(8, 3, 32, 32, generator=g), torch.rand(8, 3, 32, 32, generator=g)
-    loss = model.infer(data.my_rows(x), data.my_rows(x2), sample=False)[0]["contrastive"]
+    torch.manual_seed(2)                                             # the same noise stream in every process
+    out = model.infer(data.my_rows(x), data.my_rows(x2))[0]
+    loss = model.loss(out, 0.5)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    K = data.world()[1]
-    for v in grads.values():                                         # DDP: the mean over the processes
+    K, loss = data.world()[1], loss.detach()
+    for v in [loss, *grads.values()]:                                # DDP: the mean over the processes
         if K > 1:
             dist.all_reduce(v)
             v /= K
-    return {"loss": loss.detach(), "grads": grads}
+    return {"contrastive": out["contrastive"].detach(), "loss": loss, "grads": grads}
 
 
 def test_contrastive_terms_use_the_global_batch(tmp_path):
-    """Under 2 processes every image's negatives are the whole global batch's other images (data.all_views), so
-    the loss and the averaged gradients are one process's: not the mean of two half-batch losses."""
+    """Under 2 processes every image's negatives are the whole global batch's other images (data.all_views) and
+    each view's latents get one process's noise (data.batch_random(views=True)), so the loss and the averaged
+    gradients are one process's: not the mean of two half-batch contrastive losses."""
     one = contrastive_terms(None)
     mp.spawn(spawned, args=(2, str(tmp_path), contrastive_terms), nprocs=2)
     two = torch.load(tmp_path / "result.pt", weights_only=True)
-    assert one["loss"] > 0 and len(one["grads"]) > 10
+    assert one["contrastive"] > 0 and len(one["grads"]) > 10
     assert_close(two, one, "contrastive")
 
 

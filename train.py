@@ -665,7 +665,9 @@ class TreeStage:
             self.next_phase("intermediate")
             return
         probs = self.leaf_probs(self.train_images)                      # (N, n_leaves)
-        leaf, msg, members = treevae.choose_split(model, probs, cfg.batch_size)
+        # "one batch" in the authors' sense: the images a step feeds the model, both views on CIFAR-10 (their 256 =
+        # our 128 images x 2 views), so a leaf needs as many samples as theirs before it splits
+        leaf, msg, members = treevae.choose_split(model, probs, cfg.batch_size * (2 if cfg.contrastive else 1))
         if st["splits"] >= 150:                        # the authors' cap on growing iterations (train_tree.py)
             leaf, msg = None, "stop: 150 splits"
         self.log(f"[grow] {msg}")

@@ -217,6 +217,19 @@ def precision_weighted(mu_hat, var_hat, mu_p, var_p):
     return mu_q, var_q
 
 
+# The contrastive terms' building block (CIFAR-10; TreeVAE.contrastive_loss)
+
+def info_nce(u, temperature):
+    """Per-row InfoNCE / NT-Xent (Oord et al. 2018; Chen et al. 2020) of unit rows u (2B, D) = [view 1; view 2]:
+    row a's positive is its other view a' = a +- B, its negatives all other 2B - 2 rows (both views):
+        nce_a = -log( exp(u_a . u_a' / T) / sum_{k != a} exp(u_a . u_k / T) ).   Returns (2B,)."""
+    sim = (u @ u.T) / temperature                                            # (2B, 2B)
+    sim = sim.masked_fill(torch.eye(len(u), dtype=torch.bool, device=u.device), float("-inf"))   # k != a
+    B = len(u) // 2
+    partner = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(u.device)
+    return F.cross_entropy(sim, partner, reduction="none")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks. All feature maps keep the spatial size R x R of the latents (2 x 2 on MNIST).
 
@@ -289,6 +302,20 @@ class Router(nn.Module):
         off = torch.autocast(h.device.type, enabled=False) if h.device.type in ("cuda", "cpu") else nullcontext()
         with off:                                  # (torch 2.4 has no autocast on MPS, not even a disabled one)
             return self.mlp(self.conv(h.float()).flatten(1)).squeeze(1)  # (B,)
+
+
+class ProjectionHead(nn.Module):
+    """CIFAR-10's contrastive head on a bottom-up level, the authors' contrastive_projection (models/networks.py):
+    conv3x3 -> 1 channel, flatten R^2, Linear (128 units, no bias) -> BN -> act -> Linear -> 10. (Their head also
+    has a sigma layer that no loss reads: left out.) Returns (B, 10)."""
+    def __init__(self, c_in, r, act, hidden=128, out=10):
+        super().__init__()
+        self.conv = MapConv(c_in, 1, bias=False)       # a 3x3 conv (exact CPU rewrite, end of this file)
+        self.mlp = nn.Sequential(nn.Linear(r * r, hidden, bias=False), nn.BatchNorm1d(hidden), act_fn(act),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, d):
+        return self.mlp(self.conv(d).flatten(1))      # (B, 1, R, R) -> (B, R^2) -> (B, 10)
 
 
 class SmallEncoder(nn.Module):
@@ -415,9 +442,10 @@ class TreeVAE(nn.Module):
         self.dense, self.transform = nn.ModuleDict(), nn.ModuleDict()
         self.router_p, self.router_q, self.decoder = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         # NT-Xent heads, CIFAR-10 only: a 10-d projection of every bottom-up level (the authors' cifar10.yml,
-        # augmentation_method 'InfoNCE,instancewise_full'); see contrastive_loss.
+        # augmentation_method 'InfoNCE,instancewise_full'); see contrastive_loss. Their batch norms see both views;
+        # under torchrun train.sync_batchnorm makes them global-batch ones like every other.
         if cfg.contrastive:
-            self.projection = nn.ModuleList(nn.Linear(cb * r * r, 10) for _ in range(cfg.max_depth + 1))
+            self.projection = nn.ModuleList(ProjectionHead(cb, r, act) for _ in range(cfg.max_depth + 1))
         # Topology as plain data. Default: the initial tree, root 0 with leaves 1 and 2.
         topology = topology or {"parent": [[0, -1], [1, 0], [2, 0]], "next_id": 3}
         self.parent, self.child_ids, self.depth = {}, {}, {}
@@ -556,27 +584,24 @@ class TreeVAE(nn.Module):
         return out["rec"] + alpha * (out["kl_root"] + out["kl_nodes"] + out["kl_decisions"]) + out["contrastive"]
 
     def contrastive_loss(self, d, logit_q, prob):
-        """CIFAR-10 (cifar10.yml, augmentation_method 'InfoNCE,instancewise_full'): InfoNCE (temperature 1) between the two views' decisions [p, 1-p] at every inner
-        node, weighted by the detached probability of reaching it, plus NT-Xent (temperature 0.5) on 10-d
-        projections of every bottom-up level. The batch holds view 1 then view 2. Under torchrun the terms run on
-        the global batch (data.all_views): each image's negatives are all the others, as with one process."""
+        """CIFAR-10's invariance terms, the authors' calc_aug_loss (utils/training_utils.py; cifar10.yml,
+        augmentation_method 'InfoNCE,instancewise_full'). The batch holds view 1 then view 2 (2B rows).
+        Decisions: at every inner node i, u = [p, 1-p] / ||[p, 1-p]|| (p = q's P(left)), InfoNCE at temperature 1
+        over all 2B rows, and the rows' terms averaged with the detached reach probabilities as weights:
+            sum_a w_a nce_a / sum_a w_a,   w_a = P(i | x_a),
+        so a deep node's term counts as much as the root's (a plain mean of w * nce would shrink it by its mass).
+        Bottom-up levels: InfoNCE at temperature 0.5 (NT-Xent) on the ProjectionHead of every level d_0..d_D, the
+        mean over rows and levels. Under torchrun every term runs on the global batch (data.all_views): each row's
+        negatives are all other rows of both views, as with one process. Returns a scalar tensor."""
         loss = d[0].new_zeros(())
         for i, logit in logit_q.items():
-            p = torch.sigmoid(logit)
-            v = all_views(torch.stack([p, 1 - p], 1))                        # (2B, 2)
-            va, vb = v.chunk(2)
-            w = all_views(prob[i].detach()).view(2, -1).mean(0)              # (B,)
-            labels = torch.arange(va.shape[0], device=v.device)
-            nce = 0.5 * (F.cross_entropy(va @ vb.T, labels, reduction="none")
-                         + F.cross_entropy(vb @ va.T, labels, reduction="none"))
-            loss = loss + (w * nce).mean()
-        for level, proj in zip(d, self.projection):
-            h = all_views(F.normalize(proj(level.flatten(1)), dim=1))         # (2B, 10)
-            sim = h @ h.T / 0.5
-            sim = sim.masked_fill(torch.eye(len(h), dtype=torch.bool, device=h.device), float("-inf"))
-            n = len(h) // 2
-            target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(h.device)
-            loss = loss + F.cross_entropy(sim, target) / len(d)
+            p = torch.sigmoid(logit)                                         # (2b,) this process's rows
+            u = all_views(F.normalize(torch.stack([p, 1 - p], 1), dim=1))   # (2B, 2), unit rows
+            w = all_views(prob[i].detach())                                  # (2B,)
+            loss = loss + (w * info_nce(u, 1.0)).sum() / w.sum()
+        for level, head in zip(d, self.projection):
+            h = all_views(F.normalize(head(level), dim=1))                   # (2B, 10)
+            loss = loss + info_nce(h, 0.5).mean() / len(d)
         return loss
 
     # -- generation and reconstruction -----------------------------------------------------------------------

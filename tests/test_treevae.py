@@ -7,7 +7,8 @@ What is checked against what:
   pruned (pass-through nodes included); subtree training touches nothing outside the subtree (bit for bit).
 - Forced-leaf generation, checkpoint round trips, choose_split's rules.
 - The clustering metrics: tests/test_metrics.py (it imports this file's smoke-tree helpers).
-- The contrastive (CIFAR-10) path, and a small learning check on two obvious synthetic clusters.
+- The contrastive (CIFAR-10) path, its loss against the authors' formula written out with loops, and a small
+  learning check on two obvious synthetic clusters.
 """
 import copy
 import itertools
@@ -404,8 +405,8 @@ def test_contrastive_path_is_finite_positive_and_trains():
     assert model(x)["contrastive"] == 0                         # one view: no contrastive term
     out["contrastive"].backward()
     # (cifar10.yml: no spectral norm, so the encoder's and bottom-up chain's weights are plain parameters)
-    for name in ("projection.0.weight", "router_q.0.conv.weight", "router_q.1.conv.weight",
-                 "encoder.net.0.weight", "bottom_up.0.net.0.0.weight"):
+    for name in ("projection.0.conv.weight", "projection.0.mlp.0.weight", "router_q.0.conv.weight",
+                 "router_q.1.conv.weight", "encoder.net.0.weight", "bottom_up.0.net.0.0.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     model.zero_grad()
@@ -413,6 +414,60 @@ def test_contrastive_path_is_finite_positive_and_trains():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def written_out_info_nce(rows, temperature):
+    """The InfoNCE of the authors' calc_aug_loss with loops: rows = [view 1; view 2] (lists of unit vectors), row a's
+    positive is a +- n/2, its denominator every other row. Returns one term per row."""
+    n, dot = len(rows), lambda u, v: sum(a * b for a, b in zip(u, v))
+    terms = []
+    for a in range(n):
+        positive = math.exp(dot(rows[a], rows[(a + n // 2) % n]) / temperature)
+        others = sum(math.exp(dot(rows[a], rows[k]) / temperature) for k in range(n) if k != a)
+        terms.append(-math.log(positive / others))
+    return terms
+
+
+def test_contrastive_loss_against_the_formula_written_out():
+    """TreeVAE.contrastive_loss on a fixed batch of 3 image pairs against the authors' formula written out
+    (utils/training_utils.py calc_aug_loss, models/networks.py contrastive_projection): per inner node the
+    L2-normalised [p, 1-p], InfoNCE at temperature 1 over all 5 other rows, weighted by the reach probability
+    normalised by its sum; per bottom-up level the projection head (conv -> Linear -> batch norm -> swish -> Linear)
+    and NT-Xent at temperature 0.5, averaged over rows and levels."""
+    torch.manual_seed(0)
+    cfg = treevae_config("cifar10", "smoke")
+    model = TreeVAE(cfg).double()                                 # train mode: batch norms use the batch statistics
+    g = torch.Generator().manual_seed(1)
+    n, r = 6, cfg.latent_size                                     # 3 pairs: rows 0-2 view 1, rows 3-5 view 2
+    d = [torch.randn(n, cfg.bottom_up_channels, r, r, generator=g, dtype=torch.float64)
+         for _ in range(cfg.max_depth + 1)]
+    logit_q = {0: 2 * torch.randn(n, generator=g, dtype=torch.float64),
+               4: 2 * torch.randn(n, generator=g, dtype=torch.float64)}
+    prob = {0: torch.ones(n, dtype=torch.float64),                # the root, and a node reached with ~6 %
+            4: 0.12 * torch.rand(n, generator=g, dtype=torch.float64)}
+    got = model.contrastive_loss(d, logit_q, prob)
+
+    want = 0.0
+    for i in logit_q:
+        rows = []
+        for logit in logit_q[i].tolist():
+            p = 1 / (1 + math.exp(-logit))
+            norm = math.sqrt(p * p + (1 - p) * (1 - p))
+            rows.append([p / norm, (1 - p) / norm])
+        w = prob[i].tolist()
+        want += sum(wa * ta for wa, ta in zip(w, written_out_info_nce(rows, 1.0))) / sum(w)
+    for level, head in zip(d, model.projection):
+        conv, lin1, bn, lin2 = head.conv, head.mlp[0], head.mlp[1], head.mlp[3]
+        h = F.conv2d(level, conv.weight, padding=1).flatten(1) @ lin1.weight.T            # (n, 128)
+        h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + bn.eps) * bn.weight + bn.bias
+        h = h * torch.sigmoid(h)                                                          # swish
+        h = h @ lin2.weight.T + lin2.bias                                                 # (n, 10)
+        rows = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in h.tolist()]
+        want += sum(written_out_info_nce(rows, 0.5)) / n / len(d)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    # normalised weights: scaling a node's reach probabilities changes nothing
+    scaled = model.contrastive_loss(d, logit_q, {0: prob[0], 4: 7 * prob[4]})
+    assert scaled.item() == pytest.approx(want, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------------------

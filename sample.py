@@ -155,7 +155,10 @@ def load_run(run_dir, device="cpu"):
     if phase != "done":
         raise SampleError(f"{tv_path} is an unfinished stage 1 (phase {phase}): finish it with "
                           f"{cmd} --stage treevae --resume")
-    tv = treevae.TreeVAE.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+    try:
+        tv = treevae.TreeVAE.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+    except ValueError as e:                             # weights of another layout: one line with the remedy
+        raise SampleError(f"{tv_path}: {e}: {cmd} --overwrite") from None
 
     unet, diffusion, problem, d, ddpm_preset = _load_ddpm(dm_path, tv, tv_path, cmd, device, preset)
     return Models(tv, unet, diffusion, dataset, data_dir, problem, tv_path, dm_path,

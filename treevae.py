@@ -731,7 +731,13 @@ class TreeVAE(nn.Module):
         cfg = TreeVAEConfig(**{f.name: ckpt["config"][f.name] for f in fields(TreeVAEConfig)
                                if f.name in ckpt["config"]})
         model = cls(cfg, ckpt["topology"])
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:   # same version, other layout (e.g. CIFAR-10's projection heads before they
+            # followed the authors'): one line, not torch's list of keys
+            first = (str(e).splitlines() or [""])[0][:90]
+            raise ValueError(f"the checkpoint's weights do not fit this code's {cfg.dataset} model ({first}): retrain "
+                             f"with this code") from None
         return model
 
 

@@ -373,6 +373,19 @@ def test_error_incompatible_version(run, data_dir, tmp_path, capsys):
     fails(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", tmp_path / "old", "--resume"), "999")
 
 
+def test_error_weights_of_another_layout(run, data_dir, tmp_path, capsys):
+    """A checkpoint of this version whose weights do not fit the model (a layer renamed since, e.g. CIFAR-10's
+    projection heads): one line naming the file and the remedy, from sample.py and from train.py --resume."""
+    ckpt = load(run / "treevae.pt")
+    key = next(iter(ckpt["state_dict"]))
+    ckpt["state_dict"]["renamed." + key] = ckpt["state_dict"].pop(key)
+    (tmp_path / "other").mkdir()
+    torch.save(ckpt, tmp_path / "other" / "treevae.pt")
+    fails(sample_cli(capsys, "--run", tmp_path / "other"), "treevae.pt", "do not fit this code's mnist model",
+          "--overwrite")
+    fails(cli("train.py", *SMOKE, "--data-dir", data_dir, "--out", tmp_path / "other", "--resume"), "do not fit")
+
+
 def test_error_ddpm_from_other_treevae_weights(run, tmp_path, capsys):
     """ddpm.pt records the fingerprint of the stage-1 weights it was trained on: same leaf count, other weights
     (stage 1 retrained) -> the DDPM is refused with the remedy."""

@@ -733,7 +733,7 @@ def evaluate(run_dir, n=None, device="cpu", data_dir=None, cache_dir="cache", sa
     how = sampler_name(m, cfg) if refined else None
     log(f"[eval] {run_dir}: N {n}, " + (how if refined else f"stage 1 only ({m.ddpm_problem or '--stage treevae'})"))
     train_x, _ = data.load(m.dataset, "train", data_dir)
-    test_x, test_y = data.load(m.dataset, "test", data_dir)
+    test_x, _ = data.load(m.dataset, "test", data_dir)
     pick = torch.Generator().manual_seed(seed)
     test_pick = torch.randperm(len(test_x), generator=pick)[:n].sort().values          # all of them if n >= split
     perm = torch.randperm(len(train_x), generator=pick)
@@ -780,7 +780,7 @@ def evaluate(run_dir, n=None, device="cpu", data_dir=None, cache_dir="cache", sa
         spec = leaf_specificity(cls, cls_cond, gen["leaf"], m.tv.n_leaves, n_classes)
         spec_cond = leaf_specificity(cls_cond, cls_cond, gen["leaf"], m.tv.n_leaves, n_classes)
         spec.update(classifier=classifier.name, treevae_purity=spec_cond["purity"],
-                    test_accuracy=float((classifier.classify(test_x) == test_y).float().mean()))
+                    test_accuracy=classifier.meta["test_acc"])   # measured when the extractor was trained
         plot_leaf_specificity(os.path.join(run_dir, "leaf_specificity.png"), spec, spec_cond, titled(
             f"{m.dataset}: class shares of each leaf's {n} refined generations ({how}; bars) and of the TreeVAE "
             f"images they were conditioned on (outline); classes by the offline extractor's classifier "
